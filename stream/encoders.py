@@ -1,0 +1,114 @@
+"""Encoders of the three wire formats (pure: standard library and orjson only).
+
+One ``Encoder`` per media type turns values, envelopes, errors and keep-alives into bytes. The
+hot path is ``encode_value`` (plain streams) and ``encode_envelope`` (jobs and channels): each is
+one orjson call or one ``bytes`` concatenation per event, with no other allocation.
+
+Wire shapes (see the contract, "Formats and negotiation"):
+
+========== ===================================== ======================================== =======================
+            NDJSON                                SSE                                      JSON-seq (RFC 7464)
+========== ===================================== ======================================== =======================
+value       ``<json>\\n``                          ``data: <json>\\n\\n``                       ``\\x1e<json>\\n``
+envelope    ``{"id":..,"event":..,"data":..}\\n``  ``id: ..\\nevent: ..\\ndata: <json>\\n\\n``  ``\\x1e`` + NDJSON line
+keep-alive  ``\\n``                                ``:\\n``                                     ``\\x1e``
+========== ===================================== ======================================== =======================
+
+JSON is compact UTF-8 from orjson; NaN and Infinity are encoded as ``null`` (orjson's rule), so
+every line is valid JSON. orjson never writes a raw LF or CR, so one ``data:`` line is always
+enough for SSE (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .event import Envelope
+from .formats import JSON_SEQ, NDJSON, SSE
+
+_dumps = orjson.dumps
+_NL = orjson.OPT_APPEND_NEWLINE
+
+
+def _error_object(code: str, message: str) -> bytes:
+    return _dumps({"error": {"code": code, "message": message}})
+
+
+def _ndjson_value(value: Any) -> bytes:
+    return _dumps(value, option=_NL)
+
+
+def _jsonseq_value(value: Any) -> bytes:
+    return b"\x1e" + _dumps(value, option=_NL)
+
+
+def _sse_value(value: Any) -> bytes:
+    return b"data: " + _dumps(value) + b"\n\n"
+
+
+def _envelope_line(env: Envelope) -> bytes:
+    # ids and event types are validated to plain ASCII tokens upstream, but they are encoded as
+    # JSON strings anyway so that no value can ever break the line.
+    return (
+        b'{"id":'
+        + _dumps(env.id)
+        + b',"event":'
+        + _dumps(env.event)
+        + b',"data":'
+        + env.data
+        + b"}\n"
+    )
+
+
+def _jsonseq_envelope(env: Envelope) -> bytes:
+    return b"\x1e" + _envelope_line(env)
+
+
+def _sse_envelope(env: Envelope) -> bytes:
+    head = b"id: " + env.id.encode() + b"\n"
+    if env.event != "message":
+        head += b"event: " + env.event.encode() + b"\n"
+    return head + b"data: " + env.data + b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Encoder:
+    """How one media type writes values, envelopes, errors, keep-alives and shutdown hints."""
+
+    media_type: str
+    keepalive: bytes
+    encode_value: Callable[[Any], bytes]
+    encode_envelope: Callable[[Envelope], bytes]
+
+    def error(self, code: str, message: str) -> bytes:
+        """The error event that ends a stream whose producer failed after it started."""
+        body = _error_object(code, message)
+        if self.media_type == SSE:
+            return b"event: error\ndata: " + body + b"\n\n"
+        if self.media_type == JSON_SEQ:
+            return b"\x1e" + body + b"\n"
+        return body + b"\n"
+
+    def retry_hint(self, milliseconds: int) -> bytes:
+        """SSE's ``retry:`` field, sent before a stream ends on shutdown; empty for the others."""
+        if self.media_type == SSE:
+            # A block with a retry field and no data sets the reconnection time without
+            # dispatching an event (WHATWG HTML, "dispatch the event" step 1 and "retry").
+            return b"retry: %d\n\n" % milliseconds
+        return b""
+
+
+ENCODERS: dict[str, Encoder] = {
+    NDJSON: Encoder(NDJSON, b"\n", _ndjson_value, _envelope_line),
+    SSE: Encoder(SSE, b":\n", _sse_value, _sse_envelope),
+    JSON_SEQ: Encoder(JSON_SEQ, b"\x1e", _jsonseq_value, _jsonseq_envelope),
+}
+
+
+def encoder_for(media_type: str) -> Encoder:
+    """The encoder of a media type chosen by ``formats.negotiate``."""
+    return ENCODERS[media_type]

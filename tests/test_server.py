@@ -1,0 +1,207 @@
+"""``stream_response`` in process (the thread-based producer), through Flask's test client.
+
+The gevent producer, the peer watcher and the shutdown hook run under gunicorn in the
+end-to-end tests; these check what both backends share.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from flask import Flask, request
+
+from stream.encoders import encoder_for
+from stream.errors import RemoteError
+from stream.event import Envelope
+from stream.formats import SSE
+from stream.server import StreamWriter, stream_response
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def make_app(source: Any, **kwargs: Any) -> Flask:
+    app = Flask(__name__)
+    app.config["STREAM_HEARTBEAT"] = kwargs.pop("heartbeat_config", 15.0)
+
+    @app.get("/s")
+    def s() -> Any:
+        return stream_response(source(), **kwargs)
+
+    return app
+
+
+def lines(body: bytes) -> list[Any]:
+    return [orjson.loads(line) for line in body.split(b"\n") if line.strip()]
+
+
+def test_values_in_order() -> None:
+    app = make_app(lambda: ({"i": i} for i in range(1000)))
+    resp = app.test_client().get("/s")
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/x-ndjson"
+    assert lines(resp.data) == [{"i": i} for i in range(1000)]
+
+
+def test_request_context_alive_in_generator() -> None:
+    def gen() -> Iterator[Any]:
+        yield {"arg": request.args["x"]}
+
+    app = make_app(gen)
+    assert lines(app.test_client().get("/s?x=42").data) == [{"arg": "42"}]
+
+
+def test_coalescing_keeps_order_and_bounds_chunks() -> None:
+    # A fast producer: many events per write, none lost or reordered, no write much above
+    # max_chunk (one event may cross it).
+    app = make_app(lambda: ({"i": i, "pad": "x" * 50} for i in range(20_000)), max_chunk=4096)
+    resp = app.test_client().get("/s", buffered=False)
+    chunks = list(resp.response)
+    resp.close()
+    values = lines(b"".join(chunks))
+    assert [v["i"] for v in values] == list(range(20_000))
+    assert len(chunks) < 20_000 / 10
+    assert max(len(c) for c in chunks) < 4096 + 100
+
+
+def test_slow_producer_events_are_not_held_back() -> None:
+    # Each event of a slow producer is its own write, sent as soon as it is produced.
+    def gen() -> Iterator[Any]:
+        for i in range(3):
+            time.sleep(0.05)
+            yield {"i": i}
+
+    app = make_app(gen)
+    resp = app.test_client().get("/s", buffered=False)
+    chunks = [c for c in resp.response if c.strip()]
+    resp.close()
+    assert [orjson.loads(c) for c in chunks] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_keepalive_while_generator_blocks() -> None:
+    release = threading.Event()
+
+    def gen() -> Iterator[Any]:
+        yield {"first": True}
+        release.wait(5)
+        yield {"last": True}
+
+    app = make_app(gen, heartbeat=0.05, format="text/event-stream")
+    resp = app.test_client().get("/s", buffered=False)
+    it = iter(resp.response)
+    seen = []
+    for chunk in it:
+        seen.append(chunk)
+        if seen.count(b":\n") >= 2:
+            release.set()
+    resp.close()
+    body = b"".join(seen)
+    assert body.startswith(b'data: {"first":true}\n\n')
+    assert body.count(b":\n") >= 2
+    assert body.endswith(b'data: {"last":true}\n\n')
+
+
+def test_first_bytes_at_once_when_producer_is_slow() -> None:
+    release = threading.Event()
+
+    def gen() -> Iterator[Any]:
+        release.wait(5)
+        yield {"late": True}
+
+    app = make_app(gen)
+    resp = app.test_client().get("/s", buffered=False)
+    it = iter(resp.response)
+    start = time.monotonic()
+    assert next(it) == b"\n"  # a keep-alive: the headers go out with it
+    assert time.monotonic() - start < 1.0
+    release.set()
+    assert b"".join(it) == b'{"late":true}\n'
+    resp.close()
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "message"),
+    [
+        pytest.param(RemoteError("quota", "no more"), "quota", "no more", id="remote-error"),
+        pytest.param(
+            ValueError("secret=hunter2"),
+            "internal_error",
+            "the stream failed on the server",
+            id="other-hides-text",
+        ),
+    ],
+)
+def test_exception_becomes_error_event(exc: Exception, code: str, message: str) -> None:
+    def gen() -> Iterator[Any]:
+        yield {"i": 0}
+        raise exc
+
+    app = make_app(gen)
+    assert lines(app.test_client().get("/s").data) == [
+        {"i": 0},
+        {"error": {"code": code, "message": message}},
+    ]
+
+
+def test_generator_finally_runs_when_client_leaves() -> None:
+    finished = threading.Event()
+
+    def gen() -> Iterator[Any]:
+        try:
+            i = 0
+            while True:
+                yield {"i": i}
+                i += 1
+                time.sleep(0.01)
+        finally:
+            finished.set()
+
+    app = make_app(gen)
+    resp = app.test_client().get("/s", buffered=False)
+    it = iter(resp.response)
+    next(it)
+    resp.close()
+    assert finished.wait(5)
+
+
+def test_envelopes() -> None:
+    def gen() -> Iterator[Envelope]:
+        yield Envelope("1-0", "message", b'{"a":1}')
+        yield Envelope("1-1", "end", b"{}")
+
+    app = make_app(gen, envelopes=True)
+    assert app.test_client().get("/s?format=sse").data.replace(b":\n", b"") == (
+        b'id: 1-0\ndata: {"a":1}\n\nid: 1-1\nevent: end\ndata: {}\n\n'
+    )
+    assert lines(app.test_client().get("/s").data) == [
+        {"id": "1-0", "event": "message", "data": {"a": 1}},
+        {"id": "1-1", "event": "end", "data": {}},
+    ]
+
+
+def test_not_acceptable_is_406_json() -> None:
+    app = make_app(lambda: iter([1]))
+    resp = app.test_client().get("/s", headers={"Accept": "text/html"})
+    assert resp.status_code == 406
+    assert resp.json == {"error": {"code": "not_acceptable", "message": resp.json["error"]["message"]}}
+
+
+def test_shut_down_sends_retry_hint_and_ends() -> None:
+    release = threading.Event()
+
+    def gen() -> Iterator[Any]:
+        yield 1
+        release.wait(5)
+
+    enc = encoder_for(SSE)
+    writer = StreamWriter(gen(), enc.encode_value, enc, heartbeat=15)
+    it = iter(writer)
+    assert next(it) == b"data: 1\n\n"
+    writer.shut_down()
+    assert b"".join(it) == b"retry: 1000\n\n"
+    release.set()
+    writer.close()
