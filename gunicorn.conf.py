@@ -1,0 +1,95 @@
+"""gunicorn settings for the service, every one read from the environment (``gunicorn wsgi:app``).
+
+Imports only the standard library at load time: the app (and gevent's patching) belong to the
+workers, never to the master.
+"""
+
+import os
+
+_redis_url = os.environ.get("REDIS_URL")
+
+# Heroku-style platforms give the port in $PORT; 8000 on a laptop.
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+
+# One greenlet per connection: a process holds thousands of open streams.
+worker_class = "gevent"
+
+# The in-process broker lives in one process: several workers would each see a different set of
+# channels and jobs. With Redis every worker sees every log, so the platform's value is used.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2")) if _redis_url else 1
+
+# Streams a worker holds at once. The app answers 503 + Retry-After above STREAM_MAX_STREAMS
+# (default 10,000); gunicorn's own limit (1,000 by default) must sit above that, or connections
+# would wait in the accept queue without an answer. The margin serves /healthz and publishes.
+worker_connections = int(os.environ.get("STREAM_MAX_STREAMS", "10000")) + 1000
+
+# Importing the app before the fork would import it before gevent patches the worker.
+preload_app = False
+
+# The master kills a worker that has not notified it for this long; gevent workers notify from
+# their own loop, so open streams never trip it.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+
+# On SIGTERM/SIGHUP a worker has this long to finish; the hook below ends every stream at once,
+# so this is a bound, not a wait. Heroku sends SIGKILL 30 s after SIGTERM: stay below that.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "20"))
+
+# Idle keep-alive connections between requests (streams hold theirs while they last).
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
+
+# Logs go to stdout/stderr, where platforms collect them.
+accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-")
+loglevel = os.environ.get("LOG_LEVEL", "info")
+# The stream library logs which stream ended and why: show it with gunicorn's handlers.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "loggers": {"stream": {"level": loglevel.upper(), "handlers": ["console"], "propagate": False}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stdout"}
+    },
+    "formatters": {
+        "generic": {
+            "format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+            "datefmt": "[%Y-%m-%d %H:%M:%S %z]",
+        }
+    },
+}
+
+# gunicorn's runtime control socket is not used here, and two services on one machine (tests,
+# benchmarks) would fight over its single default path.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Refuse to split the in-process broker across workers, and say which broker runs."""
+    if _redis_url:
+        server.log.info("broker: Redis Streams; %d workers", server.cfg.workers)
+    else:
+        if server.cfg.workers > 1:
+            server.log.warning(
+                "REDIS_URL is unset: the in-process broker works in one worker only; "
+                "running 1 worker instead of %d",
+                server.cfg.workers,
+            )
+            server.cfg.set("workers", 1)
+        server.log.info("broker: in-process (one worker); set REDIS_URL for more")
+
+
+def post_worker_init(worker):
+    """Watch for the worker's stop (SIGTERM, SIGHUP reload) and end every open stream then.
+
+    gunicorn would otherwise wait graceful_timeout and kill the streams mid-body, without running
+    their ``finally``. gevent's workers only flip ``worker.alive`` on SIGTERM, so poll it.
+    """
+    import gevent
+
+    from stream.server import shutdown_streams
+
+    def watch():
+        while worker.alive:
+            gevent.sleep(0.1)
+        ended = shutdown_streams()
+        worker.log.info("worker %s stopping: ended %d open streams", worker.pid, ended)
+
+    gevent.spawn(watch)
