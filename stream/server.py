@@ -259,10 +259,15 @@ class StreamWriter:
 
     def _watch_peer(self, sock: socket.socket) -> None:
         """Wait for the peer's FIN (HTTP/1.1 clients send nothing else while they read)."""
-        try:
-            data = sock.recv(1, socket.MSG_PEEK)
-        except OSError:
-            data = b""
+        while True:
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except TimeoutError:
+                # The socket carries the write timeout; a quiet peer is not a gone one.
+                continue
+            except OSError:
+                data = b""
+            break
         if not data and not self._closed:
             self._reason = "disconnect"
             self._stop()
