@@ -1,0 +1,489 @@
+"""The synchronous client on ``requests``: the only module of this package that imports it.
+
+Everything that is not I/O lives in ``protocol.py`` (shared with the httpx client); this module
+sends the requests, reads the body, translates transport errors and sleeps between attempts.
+
+Bytes come only from ``response.raw.read1(256 KiB, decode_content=True)``: urllib3's ``read1``
+returns as soon as *some* bytes are there (chunked or close-delimited), so each event reaches
+the caller as soon as its bytes arrive, and a busy stream is read in large slices. Never
+``iter_lines``/``iter_content``: they wait for a full chunk of their size on non-chunked bodies.
+
+Transport errors are translated in one place (``_translate``) and chained with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from itertools import chain
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import orjson
+import requests
+import urllib3.exceptions
+
+from .errors import ConnectionLost, HTTPStatusError, StreamError, StreamTimeout
+from .event import Event
+from .protocol import (
+    ERROR_BODY_LIMIT,
+    EVENTS,
+    VALUES,
+    Mode,
+    ReconnectPolicy,
+    StreamState,
+    accept_header,
+    http_status_error,
+)
+
+__all__ = ["Client", "Stream"]
+
+T = TypeVar("T")
+
+#: bytes asked of each ``read1``: large, so a busy stream costs few calls; ``read1`` returns early
+READ_SIZE = 256 * 1024
+
+#: statuses that a resuming request waits out (a deploy in progress, an overloaded router)
+_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+Timeout = float | tuple[float, float] | tuple[float, None] | None
+
+#: a cut connection while reading the body (urllib3 wraps socket errors in ProtocolError)
+_CUT_ERRORS = (
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.SSLError,
+    http.client.HTTPException,
+    OSError,
+)
+_TIMEOUT_ERRORS = (
+    requests.Timeout,
+    urllib3.exceptions.TimeoutError,
+    socket.timeout,
+)
+
+
+def _translate(exc: BaseException, attempts: int = 0) -> StreamError:
+    """The library error for a requests/urllib3/socket error (the caller chains it)."""
+    if isinstance(exc, StreamError):
+        return exc
+    if isinstance(exc, _TIMEOUT_ERRORS):
+        # requests.ConnectTimeout is also a ConnectionError: a timeout first.
+        return StreamTimeout(f"timed out: {exc}")
+    if isinstance(exc, (requests.ConnectionError, *_CUT_ERRORS)):
+        return ConnectionLost(f"connection failed: {exc}", attempts=attempts)
+    return StreamError(f"request failed: {exc}")
+
+
+def _shutdown(response: requests.Response) -> None:
+    """Shut the response's socket down, so that a read blocked in another thread returns."""
+    try:
+        response.raw.shutdown()  # urllib3 >= 2.3
+    except (AttributeError, ValueError, RuntimeError, OSError):
+        pass  # older urllib3, or already closed or released: nothing is blocked on it
+
+
+def _close(response: requests.Response) -> None:
+    """Close a response and its connection: a half-read connection never goes back to the pool."""
+    try:
+        response.close()
+    except (OSError, urllib3.exceptions.HTTPError):
+        pass
+
+
+class _Hooks:
+    """Observers for the command line: raw bytes, each response, each reconnection."""
+
+    def __init__(
+        self,
+        *,
+        on_bytes: Callable[[bytes], object] | None = None,
+        on_response: Callable[[requests.Response], object] | None = None,
+        on_reconnect: Callable[[int, float, BaseException | None], object] | None = None,
+    ) -> None:
+        self.on_bytes = on_bytes
+        self.on_response = on_response
+        self.on_reconnect = on_reconnect
+
+
+_NO_HOOKS = _Hooks()
+
+
+class _Reader:
+    """The I/O of one stream: requests, reads, reconnections (kept apart from ``Stream``, so the
+    running generator holds no reference to its ``Stream``: a loop left with ``break`` drops the
+    last reference to the generator, whose ``finally`` closes the connection at once)."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        url: str,
+        *,
+        params: Any,
+        headers: dict[str, str | bytes],
+        timeout: Timeout,
+        state: StreamState,
+        hooks: _Hooks,
+    ) -> None:
+        self._session = session
+        self._url = url
+        self._params = params
+        self._headers = headers
+        self._timeout = timeout
+        self._state = state
+        self._hooks = hooks
+        self._closed = False
+        self.response: requests.Response | None = None
+
+    def _connect(self) -> None:
+        """Send the request and check status and media type (raises StreamError subclasses)."""
+        headers = dict(self._headers)
+        headers.update(self._state.request_headers())
+        try:
+            response = self._session.get(
+                self._url,
+                params=self._params,
+                headers=headers,
+                stream=True,
+                timeout=self._timeout,
+            )
+        except requests.RequestException as exc:
+            raise _translate(exc, self._state.policy.attempts) from exc
+        self.response = response
+        if self._hooks.on_response is not None:
+            self._hooks.on_response(response)
+        if not 200 <= response.status_code < 300:
+            raise _status_error(response)
+        try:
+            self._state.start(response.headers.get("Content-Type"), response)
+        except StreamError:
+            _close(response)
+            raise
+
+    def _resume(self, delay: float, cause: BaseException | None) -> bool:
+        """Wait and reconnect until it works (True) or the stream was closed (False)."""
+        state = self._state
+        while True:
+            if self._hooks.on_reconnect is not None:
+                self._hooks.on_reconnect(state.policy.attempts, delay, cause)
+            time.sleep(delay)
+            if self._closed:
+                return False
+            try:
+                self._connect()
+                return True
+            except (StreamTimeout, ConnectionLost) as exc:
+                cause = exc
+            except HTTPStatusError as exc:
+                if exc.status_code not in _RETRYABLE_STATUSES:
+                    raise
+                cause = exc
+            delay = state.connect_failed(cause)
+
+    def run(self) -> Generator[Iterable[Any], None, None]:
+        state = self._state
+        on_bytes = self._hooks.on_bytes
+        try:
+            if self.response is None:
+                if self._closed:
+                    return
+                self._connect()
+            while True:
+                response = self.response
+                assert response is not None
+                read1 = response.raw.read1
+                feed = state.feed
+                cause: BaseException | None = None
+                try:
+                    while True:
+                        chunk = read1(READ_SIZE, decode_content=True)
+                        if not chunk:
+                            break
+                        if on_bytes is not None:
+                            on_bytes(chunk)
+                        out = feed(chunk)
+                        if out:
+                            yield out
+                            if state.stop:
+                                state.raise_error()
+                                return
+                except _TIMEOUT_ERRORS as exc:
+                    if self._closed:
+                        return
+                    raise StreamTimeout(f"no data for the read timeout: {exc}") from exc
+                except _CUT_ERRORS as exc:
+                    if self._closed:
+                        return
+                    cause = exc
+                except (AttributeError, ValueError):
+                    # http.client's file vanished under the read: close() from another thread.
+                    if self._closed:
+                        return
+                    raise
+                if self._closed:
+                    return
+                if cause is None:
+                    out = state.finish()
+                    if out:
+                        yield out
+                        if state.stop:
+                            state.raise_error()
+                            return
+                _close(response)
+                delay = state.disconnected(clean=cause is None, cause=cause)
+                if delay is None or not self._resume(delay, cause):
+                    return
+        finally:
+            if self.response is not None:
+                _close(self.response)
+
+
+class Stream(Generic[T]):
+    """One streaming request: iterate it for values (or Events); a context manager that closes it.
+
+    The request is sent on ``__enter__`` or at the first iteration, whichever comes first; a
+    dropped connection is resumed per the state's policy. Iterating twice continues where the
+    first loop stopped. ``close()`` closes the connection (from any thread too).
+    """
+
+    def __init__(self, reader: _Reader, state: StreamState) -> None:
+        self._reader = reader
+        self._state = state
+        self._batches = reader.run()
+        # Batches are lists (or small generators); chain hands their items out at C speed.
+        self._items: Iterator[T] = chain.from_iterable(self._batches)
+
+    @property
+    def response(self) -> requests.Response | None:
+        """The current response (the latest one after a reconnection), None before the request."""
+        return self._reader.response
+
+    @property
+    def last_event_id(self) -> str:
+        """The id of the latest event delivered (what a resume sends as ``Last-Event-ID``)."""
+        return self._state.last_event_id
+
+    def __iter__(self) -> Iterator[T]:
+        return self._items
+
+    def __enter__(self) -> Stream[T]:
+        reader = self._reader
+        if reader.response is None and not reader._closed:
+            try:
+                reader._connect()
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection; iterating afterwards ends at once."""
+        reader = self._reader
+        reader._closed = True
+        response = reader.response
+        try:
+            self._batches.close()
+        except ValueError:
+            # Reading in another thread: wake its blocked read (its own ``finally`` closes the
+            # response; closing http.client's file under a running read breaks it midway).
+            if response is not None:
+                _shutdown(response)
+            return
+        if response is not None:
+            _close(response)
+
+
+def _status_error(response: requests.Response) -> HTTPStatusError:
+    """Read a bounded part of a non-2xx body, close the response, and build the error."""
+    try:
+        body = response.raw.read(ERROR_BODY_LIMIT, decode_content=True) or b""
+    except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException):
+        body = b""
+    finally:
+        _close(response)
+    return http_status_error(response.status_code, response.reason or "", body, response)
+
+
+class Client:
+    """A streaming client for one service (``base_url``), on one ``requests.Session``."""
+
+    def __init__(
+        self,
+        base_url: str = "",
+        *,
+        session: requests.Session | None = None,
+        timeout: Timeout = (10.0, 60.0),
+        reconnect: bool | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_attempts: int | None = 10,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._owns_session = session is None
+        self.session = session if session is not None else requests.Session()
+        self.timeout = timeout
+        self.reconnect = reconnect
+        self.headers: dict[str, str] = dict(headers or {})
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the session if this client created it."""
+        if self._owns_session:
+            self.session.close()
+
+    def url(self, path: str) -> str:
+        """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
+        if path.startswith(("http://", "https://")):
+            return path
+        if not self.base_url:
+            raise ValueError(f"{path!r} is not a full URL and the client has no base_url")
+        return self.base_url + "/" + path.lstrip("/")
+
+    def stream(
+        self,
+        path: str,
+        *,
+        params: Any = None,
+        headers: Mapping[str, str] | None = None,
+        format: str | None = None,
+        last_event_id: str | None = None,
+        reconnect: bool | None = None,
+        timeout: Timeout = None,
+        on_reset: Callable[[Event], object] | None = None,
+    ) -> Stream[Any]:
+        """Stream the decoded JSON values at ``path`` (for jobs and channels: each ``data``)."""
+        return self._stream(
+            VALUES,
+            path,
+            params=params,
+            headers=headers,
+            format=format,
+            last_event_id=last_event_id,
+            reconnect=reconnect,
+            timeout=timeout,
+            on_reset=on_reset,
+        )
+
+    def events(
+        self,
+        path: str,
+        *,
+        params: Any = None,
+        headers: Mapping[str, str] | None = None,
+        format: str | None = None,
+        last_event_id: str | None = None,
+        reconnect: bool | None = None,
+        timeout: Timeout = None,
+        on_reset: Callable[[Event], object] | None = None,
+    ) -> Stream[Event]:
+        """Stream the ``Event``s at ``path`` (id, type, raw data text, retry), resets included."""
+        return self._stream(
+            EVENTS,
+            path,
+            params=params,
+            headers=headers,
+            format=format,
+            last_event_id=last_event_id,
+            reconnect=reconnect,
+            timeout=timeout,
+            on_reset=on_reset,
+        )
+
+    def _stream(
+        self,
+        mode: Mode,
+        path: str,
+        *,
+        params: Any = None,
+        headers: Mapping[str, str] | None = None,
+        format: str | None = None,
+        last_event_id: str | None = None,
+        reconnect: bool | None = None,
+        timeout: Timeout = None,
+        on_reset: Callable[[Event], object] | None = None,
+        hooks: _Hooks = _NO_HOOKS,
+    ) -> Stream[Any]:
+        merged: dict[str, str | bytes] = {"Cache-Control": "no-cache"}
+        merged.update(self.headers)
+        if headers:
+            merged.update(headers)
+        if format is not None or not any(name.lower() == "accept" for name in merged):
+            merged["Accept"] = accept_header(format)
+        policy = ReconnectPolicy(
+            initial=self.backoff_initial,
+            maximum=self.backoff_max,
+            max_attempts=self.max_attempts,
+        )
+        state = StreamState(
+            mode,
+            last_event_id=last_event_id,
+            reconnect=reconnect if reconnect is not None else self.reconnect,
+            on_reset=on_reset,
+            policy=policy,
+        )
+        reader = _Reader(
+            self.session,
+            self.url(path),
+            params=params,
+            headers=merged,
+            timeout=timeout if timeout is not None else self.timeout,
+            state=state,
+            hooks=hooks,
+        )
+        return Stream(reader, state)
+
+    def publish(
+        self,
+        channel: str,
+        *values: Any,
+        event: str | None = None,
+        token: str | None = None,
+    ) -> list[str]:
+        """Publish values to a channel (``POST /channels/<name>``) and return their ids."""
+        if not values:
+            raise ValueError("publish() needs at least one value")
+        headers = dict(self.headers)
+        if len(values) == 1:
+            body = orjson.dumps(values[0])
+            headers["Content-Type"] = "application/json"
+        else:
+            body = b"".join(
+                orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values
+            )
+            headers["Content-Type"] = "application/x-ndjson"
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        params = {"event": event} if event is not None else None
+        try:
+            response = self.session.post(
+                self.url("/channels/" + quote(channel, safe="")),
+                params=params,
+                data=body,
+                headers=headers,
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise _translate(exc) from exc
+        with response:
+            if not 200 <= response.status_code < 300:
+                raise http_status_error(
+                    response.status_code, response.reason or "", response.content, response
+                )
+            try:
+                ids = orjson.loads(response.content)["ids"]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                raise StreamError(f"unexpected publish answer: {response.content[:200]!r}") from exc
+        return [str(ident) for ident in ids]

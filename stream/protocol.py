@@ -1,0 +1,493 @@
+"""The clients' protocol layer: everything between the body's bytes and the caller that is not I/O.
+
+Pure (standard library, orjson and the decoders), so the requests client (``client.py``) and the
+httpx client (``aio.py``) share it and differ only in how they move bytes. One ``StreamState``
+lives for one ``stream()``/``events()`` call, across reconnections::
+
+    state = StreamState(VALUES, last_event_id=..., reconnect=..., on_reset=..., policy=...)
+    while True:
+        response = send(headers | state.request_headers())   # I/O
+        state.start(content_type)                 # picks the decoder, or ContentTypeError
+        for chunk in body:                        # I/O
+            out = state.feed(chunk)               # an iterable of values (or Events) to yield
+            if out:
+                yield from out
+                if state.stop:                    # end marker, server error, reset, bad data
+                    state.raise_error()           # raises if it was an error ...
+                    return                        # ... else the job ended
+        out = state.finish()                      # at a clean end of the body only
+        delay = state.disconnected(clean=..., cause=...)  # None: the end; else wait and resume
+
+``feed`` returns the decoder's own list when a batch holds nothing but plain values (the common
+case for plain streams: one ``type(v) is dict and v.keys() <= {...}`` test per value and no other
+per-value work), so a client can hand whole batches to ``itertools.chain.from_iterable`` and pay
+nothing per value in Python. Batches with envelopes or markers come back as small generators that
+keep ``last_event_id`` equal to the id of the value being delivered and stop at a marker; the
+state records the marker in ``stop``/``ended``/``error`` for the client to act on after the batch.
+
+Deliberate rules (the wire formats leave them open; keep them unless the server changes):
+
+* **Envelopes.** An NDJSON or JSON-seq value that is a JSON object whose keys are *exactly*
+  ``id``, ``event`` and ``data`` is an envelope: ``stream()`` yields its ``data``, ``events()`` an
+  ``Event`` with its fields, and a string ``id`` becomes the last event ID. The formats carry no
+  other mark, so a plain stream whose values happen to have exactly these three keys is read as
+  envelopes too. Values with other keys (``{"event_id", "data", "is_last_event"}``) are plain.
+* **Error objects.** A JSON object with the single key ``"error"`` holding an object with
+  ``"code"`` and ``"message"`` is the server's error event: ``RemoteError``, after every value
+  before it was delivered. On SSE the same object is the data of an ``event: error``; an
+  ``error`` event with any other data is an ordinary event (a channel may publish that type).
+* **Markers.** Event type ``end`` stops the stream normally and is never yielded (no reconnect);
+  ``reset`` (the server no longer has the events after our Last-Event-ID) raises ``StreamReset``
+  from ``stream()`` unless ``on_reset`` was given, in which case ``on_reset(event)`` is called
+  and the stream goes on; ``events()`` always yields it (after calling ``on_reset``, if given).
+* **Resuming.** ``reconnect=None`` resumes only once the server sent an id (or the caller gave
+  ``last_event_id``): a plain stream has no position to resume from, and replaying it from the
+  start would repeat events. An SSE ``retry:`` alone does not make a stream resumable.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Final, Literal, Protocol
+
+import orjson
+
+from .errors import (
+    ConnectionLost,
+    ContentTypeError,
+    DecodeError,
+    HTTPStatusError,
+    RemoteError,
+    StreamError,
+    StreamReset,
+)
+from .event import Event
+from .formats import FORMAT_NAMES, JSON_SEQ, NDJSON, SSE
+from .jsonseq import JSONSeqDecoder
+from .ndjson import NDJSONDecoder
+from .sse import SSEDecoder
+
+__all__ = [
+    "ACCEPT_ANY",
+    "EVENTS",
+    "VALUES",
+    "Decoder",
+    "Mode",
+    "ReconnectPolicy",
+    "StreamState",
+    "accept_header",
+    "http_status_error",
+    "media_type",
+    "remote_error",
+]
+
+Mode = Literal["values", "events"]
+VALUES: Final = "values"
+EVENTS: Final = "events"
+
+#: what a client asks for when the caller names no format: all three, NDJSON first
+ACCEPT_ANY: Final = f"{NDJSON}, {SSE};q=0.9, {JSON_SEQ};q=0.8"
+
+#: other spellings of the NDJSON media type (``application/ndjson`` is the ndjson spec's own)
+_NDJSON_ALIASES: Final = frozenset(
+    {NDJSON, "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+)
+
+_ENVELOPE_KEYS: Final = frozenset({"id", "event", "data"})
+# A value can only be special (an envelope or an error object) if its keys are a subset of
+# these: one C-level subset test rejects ordinary objects at their first foreign key.
+_SPECIAL_KEYS: Final = frozenset({"id", "event", "data", "error"})
+_SSE_SPECIAL: Final = frozenset({"end", "reset", "error"})
+
+#: how much of a non-2xx body a client reads to find the JSON error in it
+ERROR_BODY_LIMIT: Final = 64 * 1024
+
+
+class Decoder(Protocol):
+    """The shape shared by ``NDJSONDecoder``, ``JSONSeqDecoder`` and ``SSEDecoder``."""
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Decode the complete items in ``data`` (plus what earlier calls left over)."""
+        ...  # pragma: no cover
+
+    def flush(self) -> list[Any]:
+        """Decode what is left at the end of the body."""
+        ...  # pragma: no cover
+
+
+def media_type(content_type: str | None, response: Any = None) -> str:
+    """The media type a ``Content-Type`` names (parameters ignored), or ContentTypeError."""
+    raw = content_type or ""
+    media = raw.partition(";")[0].strip().lower()
+    if media in _NDJSON_ALIASES:
+        return NDJSON
+    if media == SSE or media == JSON_SEQ:
+        return media
+    shown = repr(raw) if raw else "no Content-Type"
+    raise ContentTypeError(
+        f"cannot decode {shown}: expected {NDJSON}, {SSE} or {JSON_SEQ}",
+        content_type=raw,
+        response=response,
+    )
+
+
+def accept_header(format: str | None) -> str:
+    """The ``Accept`` header for ``format`` (``ndjson``, ``sse``, ``json-seq`` or None for any)."""
+    if format is None:
+        return ACCEPT_ANY
+    try:
+        return FORMAT_NAMES[format]
+    except KeyError:
+        names = ", ".join(FORMAT_NAMES)
+        raise ValueError(f"format must be one of {names}, not {format!r}") from None
+
+
+def remote_error(value: Any) -> RemoteError | None:
+    """The ``RemoteError`` a decoded value stands for, if it is the server's error object."""
+    if type(value) is dict and len(value) == 1:
+        error = value.get("error")
+        if type(error) is dict and "code" in error and "message" in error:
+            return RemoteError(str(error["code"]), str(error["message"]))
+    return None
+
+
+def _sse_remote_error(data: str) -> RemoteError | None:
+    try:
+        return remote_error(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def http_status_error(
+    status_code: int, reason: str, body: bytes, response: Any = None
+) -> HTTPStatusError:
+    """The ``HTTPStatusError`` for a non-2xx answer, its body decoded as JSON when it is."""
+    decoded: Any
+    try:
+        decoded = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        decoded = body.decode("utf-8", "replace")
+    message = f"HTTP {status_code}" + (f" {reason}" if reason else "")
+    error = decoded.get("error") if type(decoded) is dict else None
+    if type(error) is dict and "message" in error:
+        code = error.get("code")
+        message += f": {code}: {error['message']}" if code else f": {error['message']}"
+    return HTTPStatusError(message, status_code=status_code, body=decoded, response=response)
+
+
+def _text(value: Any) -> str:
+    """The compact JSON text of a decoded value (an ``Event``'s ``data`` for NDJSON/JSON-seq)."""
+    return orjson.dumps(value).decode()
+
+
+@dataclass(slots=True)
+class ReconnectPolicy:
+    """When to resume a dropped stream: the server's ``retry:``, then exponential full jitter.
+
+    Attempt ``n`` (0 for the first reconnection after a drop) waits
+    ``floor + random() * (ceiling - floor)`` seconds, where ``floor`` is the server's ``retry``
+    (0 when it sent none) and ``ceiling = min(maximum, (retry or initial) * multiplier ** n)``
+    (never below ``floor``). So the first attempt after a server's ``retry:`` hint waits exactly
+    that long, and without one it waits a uniform fraction of ``initial`` ("full jitter":
+    https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/). ``attempts``
+    counts consecutive attempts that delivered no event; an event resets it (``succeeded``).
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    multiplier: float = 2.0
+    #: consecutive attempts without an event before giving up; None never gives up
+    max_attempts: int | None = 10
+    random: Callable[[], float] = field(default=_random.random, repr=False)
+    #: the server's reconnection time in seconds (SSE ``retry:``), if it sent one
+    retry: float | None = None
+    attempts: int = 0
+
+    def next_delay(self) -> float | None:
+        """Count one more attempt and return how long to wait before it, or None when spent."""
+        if self.max_attempts is not None and self.attempts >= self.max_attempts:
+            return None
+        exponent = min(self.attempts, 64)  # beyond this the cap has long been reached
+        self.attempts += 1
+        floor = self.retry or 0.0
+        base = self.retry if self.retry is not None else self.initial
+        ceiling = max(floor, min(self.maximum, base * self.multiplier**exponent))
+        return floor + self.random() * (ceiling - floor)
+
+    def succeeded(self) -> None:
+        """An event arrived: the next drop starts the backoff afresh."""
+        self.attempts = 0
+
+
+class StreamState:
+    """One stream's protocol state across reconnections: decoder, last event ID, markers, policy."""
+
+    def __init__(
+        self,
+        mode: Mode = VALUES,
+        *,
+        last_event_id: str | None = None,
+        reconnect: bool | None = None,
+        on_reset: Callable[[Event], object] | None = None,
+        policy: ReconnectPolicy | None = None,
+    ) -> None:
+        if mode != VALUES and mode != EVENTS:
+            raise ValueError(f"mode must be {VALUES!r} or {EVENTS!r}, not {mode!r}")
+        self.mode: Mode = mode
+        self.reconnect = reconnect
+        self.on_reset = on_reset
+        self.policy = policy if policy is not None else ReconnectPolicy()
+        #: the media type of the current response (set by ``start``)
+        self.media_type: str | None = None
+        #: true once the caller must stop reading: see ``ended`` and ``error``
+        self.stop = False
+        #: the server sent its end marker: the stream is complete, do not resume
+        self.ended = False
+        #: the error to raise once the values before it were delivered
+        self.error: StreamError | None = None
+        self._last_id = last_event_id or ""
+        self._requested_id = ""
+        self._decoder: Decoder | None = None
+        self._sse: SSEDecoder | None = None
+        self._handle: Callable[[list[Any]], Iterable[Any]] = self._json_values
+
+    # -- what the client asks for --------------------------------------------------------------
+
+    @property
+    def last_event_id(self) -> str:
+        """The id of the latest event delivered (or the one given), ``""`` when none."""
+        return self._last_id
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a dropped connection is resumed: ``reconnect``, or None and an id is known."""
+        if self.reconnect is not None:
+            return self.reconnect
+        return bool(self._last_id)
+
+    def request_headers(self) -> dict[str, bytes]:
+        """Headers the next request needs: ``Last-Event-ID`` (UTF-8 bytes) once an id is known."""
+        self._requested_id = self._last_id
+        if self._last_id:
+            return {"Last-Event-ID": self._last_id.encode()}
+        return {}
+
+    # -- one response ----------------------------------------------------------------------------
+
+    def start(self, content_type: str | None, response: Any = None) -> None:
+        """Begin a body: pick the decoder from its ``Content-Type`` (or ContentTypeError)."""
+        media = media_type(content_type, response)
+        self.media_type = media
+        decoder: Decoder
+        if media == SSE:
+            # The decoder carries the last event ID so ``Event.id`` continues across reconnects.
+            self._sse = SSEDecoder(last_event_id=self._last_id)
+            decoder = self._sse
+            self._handle = self._sse_values if self.mode == VALUES else self._sse_events
+        else:
+            self._sse = None
+            decoder = NDJSONDecoder() if media == NDJSON else JSONSeqDecoder()
+            self._handle = self._json_values if self.mode == VALUES else self._json_events
+        self._decoder = decoder
+
+    def feed(self, data: bytes) -> Iterable[Any]:
+        """Decode a piece of the body: the values (or Events) in it, to be delivered in order."""
+        assert self._decoder is not None, "start() first"
+        batch = self._decoder.feed(data)
+        if not batch:
+            return batch
+        self.policy.attempts = 0  # an event arrived: the connection is healthy (``succeeded``)
+        return self._handle(batch)
+
+    def finish(self) -> Iterable[Any]:
+        """At a clean end of the body: what the decoder still held (an unterminated last line)."""
+        if self._decoder is None:
+            return ()
+        batch = self._decoder.flush()
+        return self._handle(batch) if batch else batch
+
+    def raise_error(self) -> None:
+        """Raise the error recorded by a batch, if any (call after delivering the batch)."""
+        if self.error is not None:
+            raise self.error
+
+    def disconnected(self, *, clean: bool, cause: BaseException | None = None) -> float | None:
+        """The body ended (``clean``) or was cut: None for the normal end, else seconds to wait.
+
+        Raises ``ConnectionLost`` (chained to ``cause``) for a cut that cannot be resumed, or
+        when the policy's attempts are spent.
+        """
+        sse = self._sse
+        if sse is not None:
+            # Every dispatched event was delivered by now, and an ``id:`` in a block without
+            # data still moves the last event ID (WHATWG HTML, "dispatch the event", step 1).
+            self._last_id = sse.last_event_id
+            if sse.retry is not None:
+                self.policy.retry = sse.retry / 1000
+        if self.ended:
+            return None
+        if not self.resumable:
+            if clean:
+                return None
+            raise ConnectionLost(
+                f"the connection was cut mid-stream and cannot be resumed: {cause}",
+                attempts=self.policy.attempts,
+            ) from cause
+        return self._next_delay(cause)
+
+    def connect_failed(self, cause: BaseException) -> float:
+        """A resuming request failed (refused, timeout, 5xx): seconds to wait, or ConnectionLost."""
+        return self._next_delay(cause)
+
+    def _next_delay(self, cause: BaseException | None) -> float:
+        delay = self.policy.next_delay()
+        if delay is None:
+            attempts = self.policy.attempts
+            raise ConnectionLost(
+                f"gave up resuming after {attempts} attempts: {cause}", attempts=attempts
+            ) from cause
+        return delay
+
+    # -- the per-batch handlers ------------------------------------------------------------------
+
+    def _fail(self, error: StreamError) -> None:
+        self.error = error
+        self.stop = True
+
+    def _end(self) -> None:
+        self.ended = True
+        self.stop = True
+
+    def _reset(self, event: Event) -> bool:
+        """Report a reset; False when ``stream()`` must stop with StreamReset (no ``on_reset``)."""
+        if self.on_reset is not None:
+            self.on_reset(event)
+            return True
+        if self.mode == EVENTS:
+            return True
+        after = f" after {self._requested_id!r}" if self._requested_id else ""
+        self._fail(
+            StreamReset(f"the server no longer has the events{after}; it reset", event=event)
+        )
+        return False
+
+    def _json_values(self, batch: list[Any]) -> Iterable[Any]:
+        # The hot path. ``issuperset`` iterates each value (an object's keys) in C and stops at
+        # the first key that no envelope or error object has, so an ordinary batch costs one
+        # C-level pass and the decoder's list goes back untouched. It is only a filter: "", [],
+        # {} and lists of those key names pass it too, and the slow path sorts them out.
+        try:
+            if not any(map(_SPECIAL_KEYS.issuperset, batch)):
+                return batch
+        except TypeError:
+            pass  # numbers, booleans or null (not iterable), or unhashable list items
+        special = _SPECIAL_KEYS
+        for index, value in enumerate(batch):
+            if type(value) is dict and value.keys() <= special:
+                return self._json_values_slow(batch, index)
+        return batch
+
+    def _json_values_slow(self, batch: list[Any], start: int) -> Iterator[Any]:
+        yield from islice(batch, start)
+        for value in islice(batch, start, None):
+            if type(value) is dict:
+                if value.keys() == _ENVELOPE_KEYS:
+                    ident = value["id"]
+                    if type(ident) is str:
+                        self._last_id = ident
+                    kind = value["event"]
+                    if kind == "end" or kind == "reset":  # (``in`` a set fails on a list)
+                        if kind == "end":
+                            self._end()
+                            return
+                        if not self._reset(Event(self._last_id, "reset", _text(value["data"]))):
+                            return
+                        continue
+                    yield value["data"]
+                    continue
+                error = remote_error(value)
+                if error is not None:
+                    self._fail(error)
+                    return
+            yield value
+
+    def _json_events(self, batch: list[Any]) -> Iterator[Event]:
+        for value in batch:
+            if type(value) is dict:
+                if value.keys() == _ENVELOPE_KEYS:
+                    ident = value["id"]
+                    if type(ident) is str:
+                        self._last_id = ident
+                    kind = value["event"]
+                    if type(kind) is not str:
+                        kind = "message"
+                    if kind == "end":
+                        self._end()
+                        return
+                    event = Event(self._last_id, kind, _text(value["data"]))
+                    if kind == "reset":
+                        self._reset(event)
+                    yield event
+                    continue
+                error = remote_error(value)
+                if error is not None:
+                    self._fail(error)
+                    return
+            yield Event(self._last_id, "message", _text(value))
+
+    def _sse_values(self, batch: list[Event]) -> Iterator[Any]:
+        loads = orjson.loads
+        for event in batch:
+            kind = event.event
+            if kind != "message" and kind in _SSE_SPECIAL:
+                self._last_id = event.id
+                if kind == "end":
+                    self._end()
+                    return
+                if kind == "reset":
+                    if not self._reset(event):
+                        return
+                    continue
+                error = _sse_remote_error(event.data)
+                if error is not None:
+                    self._fail(error)
+                    return
+            try:
+                value = loads(event.data)
+            except orjson.JSONDecodeError as exc:
+                self._fail(self._data_error(event, exc))
+                return
+            self._last_id = event.id
+            yield value
+
+    def _data_error(self, event: Event, exc: Exception) -> DecodeError:
+        # The SSE decoder counts lines when it has a counter; the event is done by now, so its
+        # last line is the blank line that dispatched it.
+        line = getattr(self._decoder, "line_number", 0)
+        error = DecodeError(
+            f"event data is not JSON ({exc}): {event.data[:80]!r}",
+            line_number=line,
+            line=event.data.encode(),
+        )
+        error.__cause__ = exc
+        return error
+
+    def _sse_events(self, batch: list[Event]) -> Iterator[Event]:
+        for event in batch:
+            kind = event.event
+            self._last_id = event.id
+            if kind != "message" and kind in _SSE_SPECIAL:
+                if kind == "end":
+                    self._end()
+                    return
+                if kind == "reset":
+                    self._reset(event)
+                else:
+                    error = _sse_remote_error(event.data)
+                    if error is not None:
+                        self._fail(error)
+                        return
+            yield event

@@ -1,0 +1,462 @@
+"""Unit tests of the clients' pure protocol layer (no sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from stream.errors import (
+    ConnectionLost,
+    ContentTypeError,
+    DecodeError,
+    HTTPStatusError,
+    RemoteError,
+    StreamReset,
+)
+from stream.event import Event
+from stream.protocol import (
+    ACCEPT_ANY,
+    EVENTS,
+    VALUES,
+    ReconnectPolicy,
+    StreamState,
+    accept_header,
+    http_status_error,
+    media_type,
+    remote_error,
+)
+
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+JSON_SEQ = "application/json-seq"
+
+
+def drive(state: StreamState, *chunks: bytes, clean_end: bool = True) -> list[Any]:
+    """Run the client loop of the module docstring over ``chunks`` and collect what it yields."""
+    out: list[Any] = []
+    for chunk in chunks:
+        items = state.feed(chunk)
+        out.extend(items)
+        if state.stop:
+            state.raise_error()
+            return out
+    if clean_end:
+        out.extend(state.finish())
+        state.raise_error()
+    return out
+
+
+def started(media: str, mode: str = VALUES, **kwargs: Any) -> StreamState:
+    state = StreamState(mode, **kwargs)  # type: ignore[arg-type]
+    state.start(media)
+    return state
+
+
+# -- media types, Accept, error objects --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        pytest.param("application/x-ndjson", NDJSON, id="ndjson"),
+        pytest.param("application/x-ndjson; charset=utf-8", NDJSON, id="ndjson-charset"),
+        pytest.param("Application/X-NDJSON", NDJSON, id="case-insensitive"),
+        pytest.param("application/ndjson", NDJSON, id="ndjson-spec-alias"),
+        pytest.param("text/event-stream;charset=UTF-8", SSE, id="sse-charset"),
+        pytest.param("  text/event-stream  ", SSE, id="sse-spaces"),
+        pytest.param("application/json-seq", JSON_SEQ, id="json-seq"),
+    ],
+)
+def test_media_type_accepted(content_type: str, expected: str) -> None:
+    assert media_type(content_type) == expected
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("", id="empty"),
+        pytest.param("text/html; charset=utf-8", id="html"),
+        pytest.param("application/json", id="json"),
+        pytest.param("text/plain", id="plain"),
+    ],
+)
+def test_media_type_refused(content_type: str | None) -> None:
+    with pytest.raises(ContentTypeError) as info:
+        media_type(content_type, response="r")
+    assert info.value.content_type == (content_type or "")
+    assert info.value.response == "r"
+
+
+@pytest.mark.parametrize(
+    ("format", "accept"),
+    [
+        pytest.param(None, ACCEPT_ANY, id="any"),
+        pytest.param("ndjson", NDJSON, id="ndjson"),
+        pytest.param("sse", SSE, id="sse"),
+        pytest.param("json-seq", JSON_SEQ, id="json-seq"),
+    ],
+)
+def test_accept_header(format: str | None, accept: str) -> None:
+    assert accept_header(format) == accept
+
+
+def test_accept_header_unknown_format() -> None:
+    with pytest.raises(ValueError, match="format must be one of"):
+        accept_header("xml")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(
+            {"error": {"code": "boom", "message": "it broke"}}, ("boom", "it broke"), id="error"
+        ),
+        pytest.param(
+            {"error": {"code": 7, "message": "x", "extra": 1}}, ("7", "x"), id="extra-inner"
+        ),
+        pytest.param({"error": "boom"}, None, id="error-not-object"),
+        pytest.param({"error": {"code": "boom"}}, None, id="no-message"),
+        pytest.param({"error": {"code": "a", "message": "b"}, "x": 1}, None, id="second-key"),
+        pytest.param([1], None, id="list"),
+        pytest.param("error", None, id="string"),
+    ],
+)
+def test_remote_error(value: Any, expected: tuple[str, str] | None) -> None:
+    error = remote_error(value)
+    if expected is None:
+        assert error is None
+    else:
+        assert error is not None
+        assert (error.code, error.message) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "decoded", "message"),
+    [
+        pytest.param(
+            b'{"error": {"code": "not_found", "message": "no such job"}}',
+            {"error": {"code": "not_found", "message": "no such job"}},
+            "HTTP 404 Not Found: not_found: no such job",
+            id="json-error",
+        ),
+        pytest.param(b"<html>gone</html>", "<html>gone</html>", "HTTP 404 Not Found", id="html"),
+        pytest.param(b"", None, "HTTP 404 Not Found", id="empty"),
+        pytest.param(b'{"detail": 1}', {"detail": 1}, "HTTP 404 Not Found", id="other-json"),
+    ],
+)
+def test_http_status_error(body: bytes, decoded: Any, message: str) -> None:
+    error = http_status_error(404, "Not Found", body, response="r")
+    assert isinstance(error, HTTPStatusError)
+    assert (error.status_code, error.body, error.response, str(error)) == (
+        404,
+        decoded,
+        "r",
+        message,
+    )
+
+
+# -- the reconnect policy ---------------------------------------------------------------------
+
+
+def test_policy_full_jitter_grows_to_the_cap() -> None:
+    policy = ReconnectPolicy(initial=0.5, maximum=3.0, max_attempts=None, random=lambda: 1.0)
+    assert [policy.next_delay() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_policy_jitter_is_a_fraction_of_the_ceiling() -> None:
+    policy = ReconnectPolicy(initial=1.0, random=lambda: 0.25)
+    assert [policy.next_delay() for _ in range(3)] == [0.25, 0.5, 1.0]
+
+
+def test_policy_honours_the_servers_retry_as_a_floor() -> None:
+    policy = ReconnectPolicy(initial=0.5, maximum=10.0, retry=2.0, random=lambda: 0.5)
+    # First attempt: exactly the server's retry; then jitter above it, doubling.
+    assert [policy.next_delay() for _ in range(3)] == [2.0, 3.0, 5.0]
+
+
+def test_policy_retry_above_the_cap_is_still_honoured() -> None:
+    policy = ReconnectPolicy(maximum=1.0, retry=5.0, random=lambda: 1.0)
+    assert policy.next_delay() == 5.0
+
+
+def test_policy_gives_up_after_max_attempts_and_success_resets() -> None:
+    policy = ReconnectPolicy(max_attempts=2, random=lambda: 0.0)
+    assert policy.next_delay() == 0.0
+    assert policy.next_delay() == 0.0
+    assert policy.next_delay() is None
+    assert policy.attempts == 2
+    policy.succeeded()
+    assert policy.next_delay() == 0.0
+
+
+# -- NDJSON / JSON-seq, values ----------------------------------------------------------------
+
+
+def test_plain_values_pass_through_as_the_decoders_list() -> None:
+    state = started(NDJSON)
+    chunk = b'{"event_id": 0, "data": "a", "is_last_event": false}\n1\n"s"\n[1]\n'
+    out = state.feed(chunk)
+    assert isinstance(out, list)  # the fast path: no generator, no copy
+    assert out == [{"event_id": 0, "data": "a", "is_last_event": False}, 1, "s", [1]]
+    assert not state.stop and state.last_event_id == ""
+
+
+@pytest.mark.parametrize("media", [NDJSON, JSON_SEQ])
+def test_envelopes_are_unwrapped_and_ids_tracked(media: str) -> None:
+    rs = b"\x1e" if media == JSON_SEQ else b""
+    state = started(media)
+    out = state.feed(
+        rs
+        + b'{"id": "1-0", "event": "message", "data": {"n": 1}}\n'
+        + rs
+        + b'{"id": "2-0", "event": "tick", "data": [2]}\n'
+    )
+    seen = []
+    for value in out:
+        seen.append((value, state.last_event_id))  # the id of the value being delivered
+    assert seen == [({"n": 1}, "1-0"), ([2], "2-0")]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param({"id": "1", "event": "message", "data": 5}, 5, id="exact-keys-envelope"),
+        pytest.param(
+            {"id": "1", "event": "m", "data": 5, "x": 0},
+            {"id": "1", "event": "m", "data": 5, "x": 0},
+            id="extra-key-plain",
+        ),
+        pytest.param({"id": "1", "data": 5}, {"id": "1", "data": 5}, id="missing-key-plain"),
+        pytest.param({"data": 5}, {"data": 5}, id="subset-plain"),
+        pytest.param({"error": "boom"}, {"error": "boom"}, id="error-string-plain"),
+    ],
+)
+def test_envelope_rule_is_exact_keys(value: Any, expected: Any) -> None:
+    import orjson
+
+    state = started(NDJSON)
+    assert drive(state, orjson.dumps(value) + b"\n") == [expected]
+
+
+def test_error_object_raises_after_the_values_before_it() -> None:
+    state = started(NDJSON)
+    out = state.feed(b'1\n2\n{"error": {"code": "boom", "message": "it broke"}}\n3\n')
+    assert list(out) == [1, 2]
+    assert state.stop
+    with pytest.raises(RemoteError) as info:
+        state.raise_error()
+    assert (info.value.code, info.value.message) == ("boom", "it broke")
+
+
+def test_end_marker_stops_without_reconnect() -> None:
+    state = started(NDJSON)
+    out = drive(
+        state,
+        b'{"id": "1", "event": "message", "data": 1}\n{"id": "2", "event": "end", "data": null}\n'
+        b'{"id": "3", "event": "message", "data": 3}\n',
+    )
+    assert out == [1]
+    assert state.ended and state.stop and state.error is None
+    assert state.last_event_id == "2"
+    assert state.disconnected(clean=True) is None
+
+
+def test_reset_raises_from_values_without_on_reset() -> None:
+    state = started(NDJSON, last_event_id="old")
+    state.request_headers()
+    out = state.feed(
+        b'{"id": "5", "event": "reset", "data": null}\n{"id": "6", "event": "message", "data": 6}\n'
+    )
+    assert list(out) == []
+    with pytest.raises(StreamReset, match="after 'old'") as info:
+        state.raise_error()
+    assert info.value.event == Event("5", "reset", "null")
+
+
+def test_reset_calls_on_reset_in_order_and_goes_on() -> None:
+    calls: list[Any] = []
+    state = started(NDJSON, on_reset=lambda event: calls.append(("reset", event)))
+    for value in state.feed(
+        b'{"id": "4", "event": "message", "data": 4}\n'
+        b'{"id": "5", "event": "reset", "data": {"oldest": "5"}}\n'
+        b'{"id": "6", "event": "message", "data": 6}\n'
+    ):
+        calls.append(value)
+    assert calls == [4, ("reset", Event("5", "reset", '{"oldest":"5"}')), 6]
+    assert not state.stop
+
+
+# -- NDJSON / JSON-seq, events ----------------------------------------------------------------
+
+
+def test_events_from_envelopes_and_plain_values() -> None:
+    state = started(NDJSON, EVENTS, last_event_id="0")
+    out = drive(
+        state,
+        b'7\n{"id": "1", "event": "tick", "data": {"a": [1, 2]}}\n'
+        b'{"id": "2", "event": "reset", "data": null}\n8\n'
+        b'{"id": "3", "event": "end", "data": null}\n',
+    )
+    assert out == [
+        Event("0", "message", "7"),
+        Event("1", "tick", '{"a":[1,2]}'),
+        Event("2", "reset", "null"),  # reported, not swallowed, and no StreamReset
+        Event("2", "message", "8"),
+    ]
+    assert state.ended
+
+
+def test_events_error_object_raises() -> None:
+    state = started(JSON_SEQ, EVENTS)
+    with pytest.raises(RemoteError):
+        drive(state, b'\x1e1\n\x1e{"error": {"code": "c", "message": "m"}}\n')
+
+
+# -- SSE --------------------------------------------------------------------------------------
+
+
+def test_sse_values_decode_data_and_track_ids() -> None:
+    state = started(SSE)
+    out = state.feed(b'id: 1\ndata: {"a": 1}\n\n: keep-alive\n\nid: 2\nevent: tick\ndata: [2]\n\n')
+    seen = [(value, state.last_event_id) for value in out]
+    assert seen == [({"a": 1}, "1"), ([2], "2")]
+
+
+@pytest.mark.parametrize("mode", [VALUES, EVENTS])
+def test_sse_error_event_with_error_object_raises(mode: str) -> None:
+    state = started(SSE, mode)
+    with pytest.raises(RemoteError, match="boom: it broke"):
+        drive(
+            state,
+            b"data: 1\n\n"
+            b'event: error\ndata: {"error": {"code": "boom", "message": "it broke"}}\n\n',
+        )
+
+
+def test_sse_error_event_with_other_data_is_ordinary() -> None:
+    state = started(SSE, EVENTS)
+    assert drive(state, b'event: error\ndata: {"x": 1}\n\n') == [Event("", "error", '{"x": 1}')]
+
+
+def test_sse_end_and_reset() -> None:
+    state = started(SSE, EVENTS)
+    out = drive(state, b"id: 9\nevent: reset\ndata: null\n\ndata: 1\n\nevent: end\ndata: null\n\n")
+    assert out == [Event("9", "reset", "null"), Event("9", "message", "1")]
+    assert state.ended
+    values = started(SSE)
+    with pytest.raises(StreamReset):
+        drive(values, b"id: 9\nevent: reset\ndata: null\n\n")
+
+
+def test_sse_values_non_json_data_is_a_decode_error() -> None:
+    state = started(SSE)
+    out = state.feed(b"data: 1\n\ndata: not json\n\n")
+    assert list(out) == [1]
+    with pytest.raises(DecodeError, match="not JSON"):
+        state.raise_error()
+
+
+def test_sse_retry_and_last_id_carry_to_the_policy_and_next_decoder() -> None:
+    state = started(SSE, EVENTS, policy=ReconnectPolicy(random=lambda: 0.0))
+    assert drive(state, b"id: 4\ndata: 1\n\nretry: 250\n\n") == [Event("4", "message", "1")]
+    assert state.disconnected(clean=True) == 0.25
+    assert state.request_headers() == {"Last-Event-ID": b"4"}
+    state.start(SSE)
+    assert drive(state, b"data: 2\n\n") == [Event("4", "message", "2")]
+
+
+# -- disconnects ------------------------------------------------------------------------------
+
+
+def test_clean_end_without_ids_is_the_end() -> None:
+    state = started(NDJSON)
+    drive(state, b"1\n")
+    assert state.disconnected(clean=True) is None
+
+
+def test_cut_without_ids_is_connection_lost() -> None:
+    state = started(NDJSON)
+    drive(state, b"1\n", clean_end=False)
+    cause = OSError("reset by peer")
+    with pytest.raises(ConnectionLost) as info:
+        state.disconnected(clean=False, cause=cause)
+    assert info.value.__cause__ is cause
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["clean-eof", "cut"])
+def test_with_ids_both_ends_resume(clean: bool) -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0))
+    drive(state, '{"id": "é-1", "event": "message", "data": 1}\n'.encode(), clean_end=clean)
+    assert state.disconnected(clean=clean, cause=None if clean else OSError()) == 0.0
+    assert state.request_headers() == {"Last-Event-ID": "é-1".encode()}
+
+
+@pytest.mark.parametrize(
+    ("reconnect", "expected"),
+    [
+        pytest.param(True, 0.0, id="forced-on"),
+        pytest.param(None, None, id="auto-no-ids"),
+    ],
+)
+def test_reconnect_switch(reconnect: bool | None, expected: float | None) -> None:
+    state = started(NDJSON, reconnect=reconnect, policy=ReconnectPolicy(random=lambda: 0.0))
+    drive(state, b"1\n")
+    assert state.disconnected(clean=True) == expected
+
+
+def test_reconnect_off_with_ids_cut_is_connection_lost() -> None:
+    state = started(NDJSON, reconnect=False)
+    drive(state, b'{"id": "1", "event": "message", "data": 1}\n', clean_end=False)
+    with pytest.raises(ConnectionLost):
+        state.disconnected(clean=False, cause=OSError())
+
+
+def test_attempts_spent_is_connection_lost_and_events_reset_them() -> None:
+    state = started(
+        NDJSON, last_event_id="1", policy=ReconnectPolicy(max_attempts=2, random=lambda: 0.0)
+    )
+    assert state.disconnected(clean=False, cause=OSError()) == 0.0
+    assert state.connect_failed(OSError()) == 0.0
+    with pytest.raises(ConnectionLost) as info:
+        state.connect_failed(OSError("refused"))
+    assert info.value.attempts == 2
+    state.start(NDJSON)
+    drive(state, b'{"id": "2", "event": "message", "data": 2}\n', clean_end=False)
+    assert state.policy.attempts == 0
+
+
+def test_last_event_id_given_makes_the_stream_resumable() -> None:
+    state = StreamState(VALUES, last_event_id="x")
+    assert state.resumable
+    assert state.request_headers() == {"Last-Event-ID": b"x"}
+    assert StreamState(VALUES).request_headers() == {}
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        StreamState("lines")  # type: ignore[arg-type]
+
+
+def test_envelope_with_a_non_string_event_or_id() -> None:
+    state = started(NDJSON, last_event_id="1")
+    assert drive(state, b'{"id": 5, "event": ["x"], "data": 1}\n') == [1]
+    assert state.last_event_id == "1"  # only a string id moves the last event ID
+    events = started(NDJSON, EVENTS)
+    assert drive(events, b'{"id": "2", "event": null, "data": 1}\n') == [Event("2", "message", "1")]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        pytest.param(b"1\n2.5\ntrue\nnull\n", id="scalars"),
+        pytest.param(b'[[1]]\n[{"a": 1}]\n', id="unhashable-items"),
+        pytest.param(b'""\n[]\n["id", "data"]\n{}\n', id="filter-false-positives"),
+    ],
+)
+def test_plain_values_of_every_shape(chunk: bytes) -> None:
+    import orjson
+
+    expected = [orjson.loads(line) for line in chunk.splitlines()]
+    assert list(started(NDJSON).feed(chunk)) == expected
