@@ -64,16 +64,24 @@ _TIMEOUT_ERRORS = (
 )
 
 
+def _reason(exc: BaseException) -> str:
+    """The useful part of a requests error: urllib3's innermost reason, not the retry wrapper."""
+    inner = exc.args[0] if exc.args else None
+    if isinstance(inner, urllib3.exceptions.MaxRetryError) and inner.reason is not None:
+        return str(inner.reason)
+    return str(exc)
+
+
 def _translate(exc: BaseException, attempts: int = 0) -> StreamError:
     """The library error for a requests/urllib3/socket error (the caller chains it)."""
     if isinstance(exc, StreamError):
         return exc
     if isinstance(exc, _TIMEOUT_ERRORS):
         # requests.ConnectTimeout is also a ConnectionError: a timeout first.
-        return StreamTimeout(f"timed out: {exc}")
+        return StreamTimeout(f"timed out: {_reason(exc)}")
     if isinstance(exc, (requests.ConnectionError, *_CUT_ERRORS)):
-        return ConnectionLost(f"connection failed: {exc}", attempts=attempts)
-    return StreamError(f"request failed: {exc}")
+        return ConnectionLost(f"connection failed: {_reason(exc)}", attempts=attempts)
+    return StreamError(f"request failed: {_reason(exc)}")
 
 
 def _shutdown(response: requests.Response) -> None:

@@ -188,3 +188,54 @@ def test_main_in_process(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     with RawServer([Script([line({"a": 1}), line([2])])]) as server:
         assert main([server.url, "--quiet"]) == 0
     assert capsysbinary.readouterr().out == b'{"a":1}\n[2]\n'
+
+
+def test_terminal_output_is_readable(
+    monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    body = [
+        b'{"id": "1", "event": "message", "data": {"a": 1}}\n',
+        b'{"id": "2", "event": "reset", "data": null}\n',
+        b'{"id": "3", "event": "end", "data": null}\n',
+    ]
+    with RawServer([Script(body)]) as server:
+        assert main([server.url.removeprefix("http://")]) == 0
+    captured = capsysbinary.readouterr()
+    assert captured.out == (
+        b'\x1b[2m1\x1b[0m \x1b[36mmessage\x1b[0m {"a":1}\n'
+        b"\x1b[2m2\x1b[0m \x1b[33mreset\x1b[0m null\n"
+    )
+    assert b"events: 1" in captured.err  # the live count, erased at the end
+    assert captured.err.endswith(b"\r\x1b[K")
+
+
+def test_terminal_output_without_colour(
+    monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("NO_COLOR", "1")
+    with RawServer([Script([line(5)])]) as server:
+        assert main([server.url, "-q"]) == 0
+    assert capsysbinary.readouterr().out == b"message 5\n"
+
+
+def test_reconnections_and_resets_are_reported(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    first = Script([b'{"id": "1", "event": "message", "data": 1}\n'], framing="close")
+    second = Script(
+        [
+            b'{"id": "2", "event": "reset", "data": null}\n',
+            b'{"id": "3", "event": "message", "data": 3}\n',
+            b'{"id": "4", "event": "end", "data": null}\n',
+        ]
+    )
+    with RawServer([first, second]) as server:
+        assert main([server.url]) == 0
+        assert server.requests[1].headers["last-event-id"] == "1"
+    captured = capsysbinary.readouterr()
+    assert captured.out == b"1\n3\n"
+    err = captured.err.decode()
+    assert "resuming after '1'" in err
+    assert "reset" in err

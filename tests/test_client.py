@@ -425,3 +425,34 @@ def test_publish_error() -> None:
 def test_publish_needs_a_value() -> None:
     with pytest.raises(ValueError, match="at least one"):
         Client("http://127.0.0.1:9").publish("news")
+
+
+def test_relative_path_needs_a_base_url() -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        Client().stream("/events")
+
+
+def test_publish_unexpected_answer() -> None:
+    answer = Script([b"ok"], status=201, content_type="text/plain", framing="length")
+    with RawServer([answer]) as server, Client(server.url) as client:
+        with pytest.raises(errors.StreamError, match="unexpected publish answer"):
+            client.publish("news", 1)
+
+
+def test_closed_before_the_first_read_sends_nothing(fast: Client) -> None:
+    with RawServer([]) as server:
+        stream = fast.stream(server.url)
+        stream.close()
+        assert list(stream) == []
+        assert server.requests == []
+
+
+def test_session_is_shared_and_left_open() -> None:
+    import requests
+
+    session = requests.Session()
+    with RawServer([script("ndjson", value("ndjson", 1))]) as server:
+        with Client(server.url, session=session) as client:
+            assert list(client.stream("/")) == [1]
+        assert session.adapters  # still usable: the client did not close a session it was given
+    session.close()
