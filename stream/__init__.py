@@ -1,1 +1,31 @@
-"""Stream JSON over HTTP from Flask under gunicorn+gevent, and read it back as a collection."""
+"""Stream JSON over HTTP from Flask under gunicorn+gevent, and read it back as a collection.
+
+Layering (``tests/test_layering.py`` guards it): the pure core (``lines``, ``ndjson``, ``sse``,
+``jsonseq``, ``formats``, ``encoders``, ``protocol``, ``event``, ``errors``) uses the standard
+library and orjson only, no I/O. Around it, one module per framework or transport, each the
+only one importing it: ``server`` (Flask), ``client`` (requests), ``aio`` (httpx),
+``redis_broker`` (redis). Importing ``stream`` imports the core and the requests client; Flask
+is imported only when ``stream_response`` is first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from .client import Client, Stream
+from .event import Envelope, Event
+
+if TYPE_CHECKING:
+    from .server import stream_response
+
+__all__ = ["Client", "Envelope", "Event", "Stream", "errors", "stream_response"]
+
+
+def __getattr__(name: str) -> Any:
+    # Flask is a server-side dependency: clients that never stream from Flask need not import it.
+    if name == "stream_response":
+        from .server import stream_response
+
+        return stream_response
+    raise AttributeError(f"module 'stream' has no attribute {name!r}")

@@ -243,7 +243,7 @@ class StreamWriter:
 
             self._producer = gevent.spawn(self._produce_gevent)
             if self._sock is not None:
-                self._watcher = gevent.spawn(self._watch_peer, self._sock)
+                self._watch_peer(self._sock)
         else:
             self._producer = threading.Thread(
                 target=self._produce_thread, name=f"stream-{self._name}", daemon=True
@@ -258,19 +258,31 @@ class StreamWriter:
                 pass
 
     def _watch_peer(self, sock: socket.socket) -> None:
-        """Wait for the peer's FIN (HTTP/1.1 clients send nothing else while they read)."""
-        while True:
+        """Wait for the peer's FIN (HTTP/1.1 clients send nothing else while they read).
+
+        A libev read watcher with a callback, not a greenlet: thousands of open streams would
+        otherwise each hold one more greenlet (and its saved stack) just to wait.
+        """
+        import gevent
+
+        watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+        self._watcher = watcher
+
+        def readable() -> None:
+            watcher.stop()
             try:
-                data = sock.recv(1, socket.MSG_PEEK)
-            except TimeoutError:
-                # The socket carries the write timeout; a quiet peer is not a gone one.
-                continue
-            except OSError:
+                # The watcher fired, so this returns at once: b"" is the FIN (or an RST).
+                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                watcher.start(readable)  # a spurious wake-up: keep watching
+                return
+            except Exception:  # noqa: BLE001 - a reset or a closed socket: the peer is gone
                 data = b""
-            break
-        if not data and not self._closed:
-            self._reason = "disconnect"
-            self._stop()
+            if not data and not self._closed:
+                self._reason = "disconnect"
+                self._stop()
+
+        watcher.start(readable)
 
     def _stop(self) -> None:
         """End the body after what is buffered, and stop the producer."""
@@ -338,7 +350,8 @@ class StreamWriter:
             if self._producer is not None:
                 self._producer.kill(block=True, timeout=5)
             if self._watcher is not None:
-                self._watcher.kill(block=True, timeout=1)
+                self._watcher.stop()
+                self._watcher.close()
         elif self._producer is None:
             _close_iterator(self._items)
         if self._sock is not None and self._write_timeout is not None:
