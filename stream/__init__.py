@@ -4,8 +4,8 @@ Layering (``tests/test_layering.py`` guards it): the pure core (``lines``, ``ndj
 ``jsonseq``, ``formats``, ``encoders``, ``protocol``, ``event``, ``errors``) uses the standard
 library and orjson only, no I/O. Around it, one module per framework or transport, each the
 only one importing it: ``server`` (Flask), ``client`` (requests), ``aio`` (httpx),
-``redis_broker`` (redis). Importing ``stream`` imports the core and the requests client; Flask
-is imported only when ``stream_response`` is first used.
+``redis_broker`` (redis). Importing ``stream`` imports only the core: ``Client`` (requests) and
+``stream_response`` (Flask) are imported when first used.
 """
 
 from __future__ import annotations
@@ -13,17 +13,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import errors
-from .client import Client, Stream
 from .event import Envelope, Event
 
 if TYPE_CHECKING:
+    from .client import Client, Stream
     from .server import stream_response
 
 __all__ = ["Client", "Envelope", "Event", "Stream", "errors", "stream_response"]
 
 
 def __getattr__(name: str) -> Any:
-    # Flask is a server-side dependency: clients that never stream from Flask need not import it.
+    # Importing a pure module (stream.sse, say) runs this package first: keep requests and Flask
+    # out of it until they are asked for.
+    if name in ("Client", "Stream"):
+        from . import client
+
+        return getattr(client, name)
     if name == "stream_response":
         from .server import stream_response
 
