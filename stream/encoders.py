@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -38,8 +39,8 @@ def _error_object(code: str, message: str) -> bytes:
     return _dumps({"error": {"code": code, "message": message}})
 
 
-def _ndjson_value(value: Any) -> bytes:
-    return _dumps(value, option=_NL)
+# A partial of a builtin is called without a Python frame: this is the hottest call of all.
+_ndjson_value: Callable[[Any], bytes] = partial(_dumps, option=_NL)
 
 
 def _jsonseq_value(value: Any) -> bytes:

@@ -49,6 +49,8 @@ log = logging.getLogger("stream.server")
 DEFAULT_MAX_CHUNK = 256 * 1024
 #: how long the first write waits for the producer before it sends a keep-alive instead
 FIRST_BYTES_WAIT = 0.005
+#: events buffered before the gevent producer first sums the bytes it holds
+_FIRST_CHECK = 4
 #: reconnection time suggested to SSE clients when the server shuts down, in ms
 SHUTDOWN_RETRY_MS = 1000
 
@@ -128,6 +130,7 @@ class StreamWriter:
         self._on_close = on_close
         self._buf: list[bytes] = []
         self._size = 0
+        self._check_at = _FIRST_CHECK
         self._events = 0
         self._bytes = 0
         self._lock = threading.Lock()
@@ -155,29 +158,39 @@ class StreamWriter:
     def _produce_gevent(self) -> None:
         # Cooperative: nothing else runs between two statements here unless the generator or
         # a wait switches, so the buffer needs no lock (the writer also runs in this thread).
+        # This loop runs once per event: it only appends and compares a length; the bytes
+        # buffered are summed on a slow path at lengths estimated from the events seen so far.
         buf = self._buf
+        append = buf.append
         encode = self._encode
         ready = self._ready
-        space = self._space
-        limit = self._max_chunk
         count = 0
         try:
             for item in self._items:
-                data = encode(item)
-                buf.append(data)
+                append(encode(item))
                 count += 1
-                self._size += len(data)
-                if len(buf) == 1:
+                n = len(buf)
+                if n == 1:
                     ready.set()
-                if self._size >= limit:
-                    space.clear()
-                    while self._size >= limit and not self._stopping:
-                        space.wait()
+                elif n >= self._check_at:
+                    self._check_space(n)
             self._finish(count, None)
         except BaseException as exc:  # noqa: B036 - GreenletExit is how a departed client stops us
             self._finish(count, exc)
         finally:
             _close_iterator(self._items)
+
+    def _check_space(self, n: int) -> None:
+        """The slow path of the gevent producer: wait while the buffer holds ``max_chunk`` bytes."""
+        size = sum(map(len, self._buf))
+        limit = self._max_chunk
+        if size < limit:
+            # Check again about when the buffer should reach the limit at this event size.
+            self._check_at = n + max(1, (limit - size) * n // max(size, 1))
+            return
+        self._space.clear()
+        while self._buf and not self._stopping:
+            self._space.wait()
 
     def _produce_thread(self) -> None:
         buf = self._buf
@@ -321,6 +334,7 @@ class StreamWriter:
                     data = buf[0] if len(buf) == 1 else b"".join(buf)
                     buf.clear()
                     self._size = 0
+                    self._check_at = _FIRST_CHECK
                 self._space.set()
                 self._last_write = time.monotonic()
                 return self._sent(data)
