@@ -1,0 +1,528 @@
+"""Brokers: an append-only log per key with a live tail, in process or on Redis Streams.
+
+Jobs and channels are logs. Publishing appends ``(event type, JSON bytes)`` items and returns
+their ids; subscribing replays what the caller has not seen yet (everything, or everything after
+a ``Last-Event-ID``) and then follows the live tail, with no gap and no duplicate between the
+two. Each subscriber has its own bounded queue: a reader that falls ``queue_size`` entries
+behind is cut off (``SlowConsumer``) instead of slowing the publisher or the other readers.
+
+Ids are Redis's own form ``"<ms>-<seq>"`` for both brokers, so they are totally ordered
+(``parse_id`` gives the tuple to compare) and an id survives a switch between brokers.
+
+Retention is bounded (``max_len`` entries and ``max_age`` seconds per key). A subscriber whose
+``last_id`` lies before what is retained gets, first, a ``reset`` envelope::
+
+    Envelope(id=last_id, event="reset",
+             data=b'{"last_event_id": "<last_id>", "first_retained_id": "<id>" | null}')
+
+and then the retained entries. Deliberate choices, so nobody "fixes" them:
+
+- ``from_start`` replays the retained log without a ``reset`` even when its oldest entries were
+  trimmed: the caller asked for "whatever there is", not for a position.
+- The in-process broker answers ``reset`` for any ``last_id`` older than its own start (the
+  entries after it lived in a previous process) and for a key it has no log for (expired, or
+  never published here). Redis knows what it trimmed, so it only resets when something after
+  ``last_id`` was really trimmed, or when the key is gone.
+- Fan-out never blocks a publisher: a subscriber's queue is a deque that the publisher appends
+  to while holding the broker's lock; the reader drains it without that lock (``popleft`` is
+  atomic) and is woken through an ``Event`` only when it is actually waiting.
+
+Threads: everything here uses ``threading`` primitives; under gunicorn's gevent worker they are
+monkey-patched into their cooperative equivalents, so the same code serves greenlets.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import orjson
+
+from stream.event import Envelope
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "LocalSubscription",
+    "MemoryBroker",
+    "SlowConsumer",
+    "Subscription",
+    "create_broker",
+    "format_id",
+    "parse_id",
+    "reset_envelope",
+]
+
+IdTuple = tuple[int, int]
+
+#: Redis stream ids are two unsigned 64-bit integers.
+_MAX_PART = 2**64 - 1
+_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+#: How often the in-process broker sweeps every key for age trimming and expiry (seconds).
+_SWEEP_INTERVAL = 1.0
+
+
+class BrokerUnavailable(Exception):
+    """The backend (Redis) cannot be reached, or the broker was closed; publishers answer 503."""
+
+
+class SlowConsumer(Exception):
+    """This subscriber's bounded queue overflowed; it was cut off from the live tail."""
+
+
+class Subscription(Protocol):
+    """One subscriber's view of a log: a replay batch, then the live tail."""
+
+    def get(self, timeout: float) -> list[Envelope]:
+        """Every entry queued so far in id order; ``[]`` after ``timeout`` s of nothing."""
+        ...
+
+    def close(self) -> None:
+        """Release the queue and the fan-out registration (idempotent)."""
+        ...
+
+
+class Broker(Protocol):
+    """An append-only log per key with retention, a live tail, and small metadata."""
+
+    kind: str
+
+    def publish(self, key: str, items: Sequence[tuple[str, bytes]]) -> list[str]:
+        """Append ``(event type, JSON bytes)`` items atomically and in order; return their ids."""
+        ...
+
+    def subscribe(
+        self, key: str, last_id: str | None = None, *, from_start: bool = False
+    ) -> Subscription:
+        """Follow ``key``: new entries only, the whole log (``from_start``) or after ``last_id``."""
+        ...
+
+    def valid_id(self, value: str) -> bool:
+        """Whether ``value`` has this broker's id syntax."""
+        ...
+
+    def set_meta(self, key: str, meta: dict[str, Any], ttl: float | None = None) -> None:
+        """Store small JSON-able metadata for ``key``; ``ttl`` expires key, meta and log."""
+        ...
+
+    def get_meta(self, key: str) -> dict[str, Any] | None:
+        """The metadata stored for ``key``, or ``None``."""
+        ...
+
+    def expire(self, key: str, ttl: float) -> None:
+        """Make the log and the metadata of ``key`` disappear after ``ttl`` seconds."""
+        ...
+
+    def healthy(self) -> bool:
+        """Whether the backend is reachable."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work and end every subscription (their ``get`` raises)."""
+        ...
+
+
+def parse_id(value: str) -> IdTuple | None:
+    """The ``(ms, seq)`` tuple of an id ``"<ms>-<seq>"``, or ``None`` if it is not one."""
+    match = _ID_RE.fullmatch(value)
+    if match is None:
+        return None
+    ms, seq = int(match[1]), int(match[2])
+    if ms > _MAX_PART or seq > _MAX_PART:
+        return None
+    return ms, seq
+
+
+def format_id(value: IdTuple) -> str:
+    """The string form ``"<ms>-<seq>"`` of an id tuple."""
+    return f"{value[0]}-{value[1]}"
+
+
+def _id_key(value: str) -> IdTuple:
+    # Only for ids a broker produced itself: no validation on this path.
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq)
+
+
+def reset_envelope(last_id: str, first_retained_id: str | None) -> Envelope:
+    """The ``reset`` entry that tells a subscriber the entries after ``last_id`` are gone."""
+    data = orjson.dumps({"last_event_id": last_id, "first_retained_id": first_retained_id})
+    return Envelope(last_id, "reset", data)
+
+
+class LocalSubscription:
+    """A subscriber's bounded queue in this process (shared by both brokers' fan-out).
+
+    The broker appends live batches with ``push`` while holding its fan-out lock; ``get`` is
+    called by the one greenlet or thread that serves this subscriber.
+    """
+
+    __slots__ = (
+        "key",
+        "_queue",
+        "_replay",
+        "_event",
+        "_waiting",
+        "_overflowed",
+        "_closed",
+        "_broker_closed",
+        "_limit",
+        "_last",
+        "_on_close",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        limit: int,
+        on_close: Callable[[LocalSubscription], None],
+        last: IdTuple | None = None,
+    ) -> None:
+        self.key = key
+        self._queue: deque[Envelope] = deque()
+        self._replay: list[Envelope] | None = None
+        self._event = threading.Event()
+        self._waiting = False
+        self._overflowed = False
+        self._closed = False
+        self._broker_closed = False
+        self._limit = limit
+        #: newest id queued so far: live entries at or below it are duplicates and dropped
+        self._last = last
+        self._on_close = on_close
+
+    def push(self, batch: list[Envelope], first: IdTuple, last: IdTuple) -> bool:
+        """Queue a live batch in id order (fan-out lock held); ``False`` if this overflowed."""
+        if self._last is not None and first <= self._last:
+            if last <= self._last:
+                return True
+            floor = self._last
+            batch = [entry for entry in batch if _id_key(entry.id) > floor]
+        self._last = last
+        self._queue.extend(batch)
+        if len(self._queue) > self._limit:
+            self._overflowed = True
+            self._event.set()
+            return False
+        if self._waiting:
+            self._event.set()
+        return True
+
+    def get(self, timeout: float) -> list[Envelope]:
+        """Every entry queued so far, in id order; ``[]`` after ``timeout`` s of nothing."""
+        if not (self._queue or self._replay or self._overflowed or self._closed):
+            self._event.clear()
+            self._waiting = True
+            try:
+                # Re-check after announcing we wait: a push in between saw _waiting False.
+                if not self._queue:
+                    self._event.wait(max(timeout, 0.0))
+            finally:
+                self._waiting = False
+        if self._overflowed:
+            self._queue.clear()
+            self._replay = None
+            raise SlowConsumer(
+                f"subscriber of {self.key!r} fell more than {self._limit} entries behind"
+            )
+        if self._closed:
+            if self._broker_closed:
+                raise BrokerUnavailable("the broker was closed")
+            return []
+        out = self._replay or []
+        self._replay = None
+        queue = self._queue
+        try:
+            for _ in range(len(queue)):
+                out.append(queue.popleft())
+        except IndexError:  # closed by another thread meanwhile
+            pass
+        return out
+
+    def close(self) -> None:
+        """Leave the fan-out and drop the queue; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._on_close(self)
+        self._queue.clear()
+        self._replay = None
+        self._event.set()
+
+    def abort(self) -> None:
+        """End this subscription because the broker closed (fan-out lock held)."""
+        self._closed = True
+        self._broker_closed = True
+        self._queue.clear()
+        self._replay = None
+        self._event.set()
+
+    def start(self, replay: list[Envelope], floor: IdTuple | None) -> None:
+        """Set the replay batch and drop queued live entries at or below ``floor`` (lock held)."""
+        if floor is not None:
+            if self._queue and _id_key(self._queue[0].id) <= floor:
+                kept = [entry for entry in self._queue if _id_key(entry.id) > floor]
+                self._queue.clear()
+                self._queue.extend(kept)
+            if self._last is None or floor > self._last:
+                self._last = floor
+        self._replay = replay or None
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called or the broker closed."""
+        return self._closed
+
+
+class _Log:
+    """One key in the in-process broker: its entries, subscribers, metadata and expiry."""
+
+    __slots__ = ("entries", "subscribers", "trimmed", "exists", "meta", "deadline")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[IdTuple, Envelope]] = deque()
+        self.subscribers: dict[LocalSubscription, None] = {}
+        #: newest id trimmed from this log (a resume from before it gets a reset)
+        self.trimmed: IdTuple | None = None
+        #: whether anything was ever published since the key was created or expired
+        self.exists = False
+        self.meta: bytes | None = None
+        self.deadline: float | None = None
+
+    def idle(self) -> bool:
+        return not (self.subscribers or self.exists or self.meta is not None)
+
+
+class MemoryBroker:
+    """The in-process broker: one worker process, logs in memory, thread- and gevent-safe."""
+
+    kind = "memory"
+
+    def __init__(
+        self, *, max_len: int = 10_000, max_age: float = 3600.0, queue_size: int = 10_000
+    ) -> None:
+        _check_limits(max_len, max_age, queue_size)
+        self.max_len = max_len
+        self.max_age = max_age
+        self.queue_size = queue_size
+        self._lock = threading.Lock()
+        self._logs: dict[str, _Log] = {}
+        now_ms = int(time.time() * 1000)
+        #: ids below this may have been issued by a previous process: resuming from them resets
+        self._start: IdTuple = (now_ms, 0)
+        self._newest: IdTuple = (now_ms, -1)
+        self._next_sweep = time.monotonic() + _SWEEP_INTERVAL
+        self._closed = False
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(self, key: str, items: Sequence[tuple[str, bytes]]) -> list[str]:
+        """Append ``(event type, JSON bytes)`` items atomically and in order; return their ids."""
+        if not items:
+            return []
+        with self._lock:
+            if self._closed:
+                raise BrokerUnavailable("the broker was closed")
+            now = time.time()
+            log = self._log(key, now, create=True)
+            assert log is not None
+            ms = int(now * 1000)
+            # Monotonic across keys even if the clock steps back, as Redis does per stream.
+            seq = self._newest[1] + 1 if ms <= self._newest[0] else 0
+            ms = max(ms, self._newest[0])
+            batch = [
+                Envelope(f"{ms}-{seq + i}", event, data) for i, (event, data) in enumerate(items)
+            ]
+            first: IdTuple = (ms, seq)
+            last: IdTuple = (ms, seq + len(batch) - 1)
+            self._newest = last
+            entries = log.entries
+            entries.extend(((ms, seq + i), entry) for i, entry in enumerate(batch))
+            log.exists = True
+            self._trim(log, now)
+            if log.subscribers:
+                dropped = [sub for sub in log.subscribers if not sub.push(batch, first, last)]
+                for sub in dropped:
+                    del log.subscribers[sub]
+            self._maybe_sweep(now)
+        return [entry.id for entry in batch]
+
+    def _trim(self, log: _Log, now: float) -> None:
+        entries = log.entries
+        trimmed = None
+        while len(entries) > self.max_len:
+            trimmed = entries.popleft()[0]
+        cutoff = int((now - self.max_age) * 1000)
+        while entries and entries[0][0][0] < cutoff:
+            trimmed = entries.popleft()[0]
+        if trimmed is not None:
+            log.trimmed = trimmed
+
+    def _log(self, key: str, now: float, *, create: bool) -> _Log | None:
+        """The live log of ``key`` (expiring it first if due); created on demand."""
+        log = self._logs.get(key)
+        if log is not None and log.deadline is not None and now >= log.deadline:
+            self._drop(key, log)
+            log = self._logs.get(key)
+        if log is None and create:
+            log = self._logs[key] = _Log()
+        return log
+
+    def _drop(self, key: str, log: _Log) -> None:
+        """Forget the log and meta of ``key``; its subscribers stay and see a missing key."""
+        log.entries.clear()
+        log.trimmed = None
+        log.exists = False
+        log.meta = None
+        log.deadline = None
+        if log.idle():
+            del self._logs[key]
+
+    def _maybe_sweep(self, now: float) -> None:
+        # Periodic age trimming and expiry, piggybacked on traffic instead of a timer thread:
+        # without traffic nothing grows, and there is no thread to start or stop.
+        tick = time.monotonic()
+        if tick < self._next_sweep:
+            return
+        self._next_sweep = tick + _SWEEP_INTERVAL
+        for key, log in list(self._logs.items()):
+            if log.deadline is not None and now >= log.deadline:
+                self._drop(key, log)
+            else:
+                self._trim(log, now)
+
+    # -- subscribing --------------------------------------------------------------------------
+
+    def subscribe(
+        self, key: str, last_id: str | None = None, *, from_start: bool = False
+    ) -> Subscription:
+        """Follow ``key``: new entries only, the whole log (``from_start``) or after ``last_id``."""
+        after = None
+        if last_id is not None:
+            after = parse_id(last_id)
+            if after is None:
+                raise ValueError(f"not a stream id: {last_id!r}")
+        with self._lock:
+            if self._closed:
+                raise BrokerUnavailable("the broker was closed")
+            now = time.time()
+            log = self._log(key, now, create=True)
+            assert log is not None
+            self._trim(log, now)
+            replay: list[Envelope] = []
+            entries = log.entries
+            if after is not None:
+                lost = (
+                    not log.exists
+                    or after < self._start
+                    or (log.trimmed is not None and after < log.trimmed)
+                )
+                if lost:
+                    replay.append(
+                        reset_envelope(str(last_id), entries[0][1].id if entries else None)
+                    )
+                # Resumes are usually near the tail: walk back from the newest entry.
+                tail: list[Envelope] = []
+                for entry_id, entry in reversed(entries):
+                    if entry_id <= after:
+                        break
+                    tail.append(entry)
+                tail.reverse()
+                replay.extend(tail)
+            elif from_start:
+                replay.extend(entry for _, entry in entries)
+            sub = LocalSubscription(key, self.queue_size, self._unsubscribe)
+            sub.start(replay, None)
+            log.subscribers[sub] = None
+            self._maybe_sweep(now)
+        return sub
+
+    def _unsubscribe(self, sub: LocalSubscription) -> None:
+        with self._lock:
+            log = self._logs.get(sub.key)
+            if log is not None:
+                log.subscribers.pop(sub, None)
+                if log.idle():
+                    del self._logs[sub.key]
+
+    def subscriber_count(self, key: str | None = None) -> int:
+        """How many subscriptions follow ``key`` (all keys when ``None``) right now."""
+        with self._lock:
+            if key is None:
+                return sum(len(log.subscribers) for log in self._logs.values())
+            log = self._logs.get(key)
+            return 0 if log is None else len(log.subscribers)
+
+    # -- metadata, expiry, lifecycle ----------------------------------------------------------
+
+    def valid_id(self, value: str) -> bool:
+        """Whether ``value`` has the id syntax ``"<ms>-<seq>"``."""
+        return parse_id(value) is not None
+
+    def set_meta(self, key: str, meta: dict[str, Any], ttl: float | None = None) -> None:
+        """Store JSON-able metadata; ``ttl`` (s) expires key, meta and log, ``None`` keeps it."""
+        data = orjson.dumps(meta)
+        with self._lock:
+            now = time.time()
+            log = self._log(key, now, create=True)
+            assert log is not None
+            log.meta = data
+            if ttl is not None:
+                log.deadline = now + ttl
+
+    def get_meta(self, key: str) -> dict[str, Any] | None:
+        """The metadata stored for ``key`` (a fresh copy), or ``None``."""
+        with self._lock:
+            log = self._log(key, time.time(), create=False)
+            data = None if log is None else log.meta
+        if data is None:
+            return None
+        meta: dict[str, Any] = orjson.loads(data)
+        return meta
+
+    def expire(self, key: str, ttl: float) -> None:
+        """Make the log and the metadata of ``key`` disappear after ``ttl`` seconds."""
+        with self._lock:
+            now = time.time()
+            log = self._log(key, now, create=False)
+            if log is not None:
+                log.deadline = now + ttl
+                if ttl <= 0:
+                    self._drop(key, log)
+
+    def healthy(self) -> bool:
+        """Always reachable while open: it lives in this process."""
+        return not self._closed
+
+    def close(self) -> None:
+        """End every subscription (their ``get`` raises ``BrokerUnavailable``) and forget all."""
+        with self._lock:
+            self._closed = True
+            for log in self._logs.values():
+                for sub in log.subscribers:
+                    sub.abort()
+            self._logs.clear()
+
+
+def _check_limits(max_len: int, max_age: float, queue_size: int) -> None:
+    if max_len < 1 or max_age <= 0 or queue_size < 1:
+        raise ValueError("max_len and queue_size must be >= 1 and max_age > 0")
+
+
+def create_broker(
+    redis_url: str | None,
+    *,
+    max_len: int = 10_000,
+    max_age: float = 3600.0,
+    queue_size: int = 10_000,
+) -> Broker:
+    """The in-process broker when ``redis_url`` is ``None``, else the Redis Streams one."""
+    if redis_url is None:
+        return MemoryBroker(max_len=max_len, max_age=max_age, queue_size=queue_size)
+    from stream.redis_broker import RedisBroker  # imports redis: only when asked for
+
+    return RedisBroker(redis_url, max_len=max_len, max_age=max_age, queue_size=queue_size)
