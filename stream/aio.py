@@ -1,0 +1,484 @@
+"""The asynchronous client on ``httpx``: the only module of this package that imports it.
+
+The same API, keywords and semantics as ``stream.client.Client``, with ``async for``/``async
+with``. Everything that is not I/O lives in ``protocol.py`` (one ``StreamState`` per stream,
+shared with the requests client), so the two clients cannot drift apart; this module sends the
+requests, reads the body, translates transport errors and sleeps between attempts.
+
+Bytes come from ``response.aiter_bytes()`` with no chunk size: httpcore hands over whatever one
+socket read returned (a chunk of a chunked body, or the bytes of a close-delimited one), decoded
+per ``Content-Encoding``, so each event reaches the decoder as soon as its bytes arrive. Never
+``aiter_lines``/``aiter_text``: they split text, not the protocols' byte-level lines.
+
+Transport errors are translated in one place (``_translate``) and chained with ``raise ... from``.
+
+Deliberate differences from ``httpx`` defaults (to match the requests client):
+
+* The client this module creates follows redirects (requests does) and puts no cap on open
+  connections (each open stream holds one; httpx's default of 100 would make the 101st stream
+  wait for the pool). An ``httpx.AsyncClient`` passed in is used as it is configured.
+* ``timeout=(connect, read)`` becomes ``httpx.Timeout(connect=connect, read=read)``, with
+  writes and the wait for a pooled connection bounded by ``connect`` (requests sends the request
+  under the connect timeout too); an ``httpx.Timeout`` is taken as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+import orjson
+
+from .errors import ConnectionLost, HTTPStatusError, StreamError, StreamTimeout
+from .event import Event
+from .protocol import (
+    ERROR_BODY_LIMIT,
+    EVENTS,
+    VALUES,
+    Mode,
+    ReconnectPolicy,
+    StreamState,
+    accept_header,
+    http_status_error,
+)
+
+__all__ = ["AsyncClient", "AsyncStream"]
+
+T = TypeVar("T")
+
+#: statuses that a resuming request waits out (a deploy in progress, an overloaded router)
+_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+Timeout = float | tuple[float, float] | tuple[float, None] | httpx.Timeout | None
+
+#: a cut connection while reading the body: a reset, or a body that ended before its framing did
+_CUT_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError)
+
+_MISSING: Any = object()
+
+
+def _timeout(timeout: Timeout) -> httpx.Timeout:
+    """The ``httpx.Timeout`` for the requests client's ``timeout`` argument."""
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    if isinstance(timeout, tuple):
+        connect, read = timeout
+        return httpx.Timeout(connect=connect, read=read, write=connect, pool=connect)
+    return httpx.Timeout(timeout)
+
+
+def _translate(exc: BaseException, attempts: int = 0) -> StreamError:
+    """The library error for an httpx error (the caller chains it)."""
+    if isinstance(exc, StreamError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException):
+        return StreamTimeout(f"timed out: {exc}")
+    if isinstance(exc, _CUT_ERRORS):
+        return ConnectionLost(f"connection failed: {exc}", attempts=attempts)
+    return StreamError(f"request failed: {exc}")
+
+
+async def _close(response: httpx.Response) -> None:
+    """Close a response and its connection: a half-read connection never goes back to the pool."""
+    try:
+        await response.aclose()
+    except (httpx.HTTPError, OSError):
+        pass
+
+
+async def _status_error(response: httpx.Response) -> HTTPStatusError:
+    """Read a bounded part of a non-2xx body, close the response, and build the error."""
+    body = b""
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= ERROR_BODY_LIMIT:
+                body = body[:ERROR_BODY_LIMIT]
+                break
+    except (httpx.HTTPError, OSError):
+        pass  # the status is the error; a body cut short only loses detail
+    finally:
+        await _close(response)
+    return http_status_error(response.status_code, response.reason_phrase, body, response)
+
+
+class _Reader:
+    """The I/O of one stream: requests, reads, reconnections (kept apart from ``AsyncStream``,
+    so the running generator holds no reference to its stream: a loop left with ``break`` drops
+    the last reference, and asyncio's async-generator finalizer closes the connection)."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        *,
+        params: Any,
+        headers: Mapping[str, str],
+        timeout: httpx.Timeout,
+        state: StreamState,
+    ) -> None:
+        self._client = client
+        self._url = url
+        self._params = params
+        # As bytes, so that a Last-Event-ID of any text can join them (httpx sends str as ASCII).
+        self._headers = [(name.encode("ascii"), value.encode()) for name, value in headers.items()]
+        self._timeout = timeout
+        self._state = state
+        self.closed = False
+        self.response: httpx.Response | None = None
+
+    async def connect(self) -> None:
+        """Send the request and check status and media type (raises StreamError subclasses)."""
+        headers = self._headers
+        extra = self._state.request_headers()
+        if extra:
+            # The state's Last-Event-ID replaces one the caller put in ``headers`` (as in requests).
+            names = {name.lower().encode("ascii") for name in extra}
+            headers = [item for item in headers if item[0].lower() not in names]
+            headers += [(name.encode("ascii"), value) for name, value in extra.items()]
+        try:
+            request = self._client.build_request(
+                "GET", self._url, params=self._params, headers=headers, timeout=self._timeout
+            )
+            response = await self._client.send(request, stream=True)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _translate(exc, self._state.policy.attempts) from exc
+        self.response = response
+        if not 200 <= response.status_code < 300:
+            raise await _status_error(response)
+        try:
+            self._state.start(response.headers.get("Content-Type"), response)
+        except StreamError:
+            await _close(response)
+            raise
+
+    async def _resume(self, delay: float, cause: BaseException | None) -> bool:
+        """Wait and reconnect until it works (True) or the stream was closed (False)."""
+        state = self._state
+        while True:
+            await asyncio.sleep(delay)
+            if self.closed:
+                return False
+            try:
+                await self.connect()
+                return True
+            except (StreamTimeout, ConnectionLost) as exc:
+                cause = exc
+            except HTTPStatusError as exc:
+                if exc.status_code not in _RETRYABLE_STATUSES:
+                    raise
+                cause = exc
+            delay = state.connect_failed(cause)
+
+    async def run(self) -> AsyncGenerator[Iterable[Any], None]:
+        """The batches of values (or Events) of the whole stream, across reconnections."""
+        state = self._state
+        try:
+            if self.response is None:
+                if self.closed:
+                    return
+                await self.connect()
+            while True:
+                response = self.response
+                assert response is not None
+                feed = state.feed
+                cause: BaseException | None = None
+                try:
+                    async for chunk in response.aiter_bytes():
+                        out = feed(chunk)
+                        if out:
+                            yield out
+                            if state.stop:
+                                state.raise_error()
+                                return
+                except httpx.TimeoutException as exc:
+                    if self.closed:
+                        return
+                    raise StreamTimeout(f"no data for the read timeout: {exc}") from exc
+                except _CUT_ERRORS as exc:
+                    if self.closed:
+                        return
+                    cause = exc
+                except httpx.StreamClosed:
+                    # ``aclose()`` from another task closed the response under the read.
+                    if self.closed:
+                        return
+                    raise
+                except httpx.HTTPError as exc:
+                    # A broken Content-Encoding, say: not a cut, and resuming would not help.
+                    raise _translate(exc) from exc
+                if self.closed:
+                    return
+                if cause is None:
+                    out = state.finish()
+                    if out:
+                        yield out
+                        if state.stop:
+                            state.raise_error()
+                            return
+                await _close(response)
+                delay = state.disconnected(clean=cause is None, cause=cause)
+                if delay is None or not await self._resume(delay, cause):
+                    return
+        finally:
+            if self.response is not None:
+                await _close(self.response)
+
+
+class AsyncStream(Generic[T]):
+    """One streaming request: ``async for`` it for values (or Events); an async context manager
+    that closes it.
+
+    The request is sent on ``__aenter__`` or at the first iteration, whichever comes first; a
+    dropped connection is resumed per the state's policy. Iterating twice continues where the
+    first loop stopped. ``aclose()`` closes the connection; cancelling the task that iterates
+    closes it too.
+    """
+
+    def __init__(self, reader: _Reader, state: StreamState) -> None:
+        self._reader = reader
+        self._state = state
+        self._batches = reader.run()
+        self._items: Iterator[T] = iter(())
+
+    @property
+    def response(self) -> httpx.Response | None:
+        """The current response (the latest one after a reconnection), None before the request."""
+        return self._reader.response
+
+    @property
+    def last_event_id(self) -> str:
+        """The id of the latest event delivered (what a resume sends as ``Last-Event-ID``)."""
+        return self._state.last_event_id
+
+    def __aiter__(self) -> AsyncStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        # The common case, a value left in the current batch, costs one ``next`` and no await.
+        item = next(self._items, _MISSING)
+        if item is not _MISSING:
+            return item
+        batches = self._batches
+        while True:
+            # Ends with StopAsyncIteration, or raises the stream's error, once the batches do.
+            items: Iterator[T] = iter(await batches.__anext__())
+            item = next(items, _MISSING)
+            if item is not _MISSING:
+                self._items = items
+                return item
+
+    async def __aenter__(self) -> AsyncStream[T]:
+        reader = self._reader
+        if reader.response is None and not reader.closed:
+            try:
+                await reader.connect()
+            except BaseException:
+                await self.aclose()
+                raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; iterating afterwards ends at once."""
+        reader = self._reader
+        reader.closed = True
+        self._items = iter(())
+        try:
+            await self._batches.aclose()
+        except RuntimeError:
+            # Iterated by another task right now: closing its response wakes its read, and its
+            # own ``finally`` ends the generator.
+            pass
+        if reader.response is not None:
+            await _close(reader.response)
+
+
+class AsyncClient:
+    """A streaming client for one service (``base_url``), on one ``httpx.AsyncClient``."""
+
+    def __init__(
+        self,
+        base_url: str = "",
+        *,
+        client: httpx.AsyncClient | None = None,
+        timeout: Timeout = (10.0, 60.0),
+        reconnect: bool | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_attempts: int | None = 10,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._owns_client = client is None
+        self.client = (
+            client
+            if client is not None
+            else httpx.AsyncClient(
+                follow_redirects=True,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+            )
+        )
+        self.timeout = timeout
+        self.reconnect = reconnect
+        self.headers: dict[str, str] = dict(headers or {})
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the httpx client if this client created it."""
+        if self._owns_client:
+            await self.client.aclose()
+
+    def url(self, path: str) -> str:
+        """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
+        if path.startswith(("http://", "https://")):
+            return path
+        if not self.base_url:
+            raise ValueError(f"{path!r} is not a full URL and the client has no base_url")
+        return self.base_url + "/" + path.lstrip("/")
+
+    def stream(
+        self,
+        path: str,
+        *,
+        params: Any = None,
+        headers: Mapping[str, str] | None = None,
+        format: str | None = None,
+        last_event_id: str | None = None,
+        reconnect: bool | None = None,
+        timeout: Timeout = None,
+        on_reset: Callable[[Event], object] | None = None,
+    ) -> AsyncStream[Any]:
+        """Stream the decoded JSON values at ``path`` (for jobs and channels: each ``data``)."""
+        return self._stream(
+            VALUES,
+            path,
+            params=params,
+            headers=headers,
+            format=format,
+            last_event_id=last_event_id,
+            reconnect=reconnect,
+            timeout=timeout,
+            on_reset=on_reset,
+        )
+
+    def events(
+        self,
+        path: str,
+        *,
+        params: Any = None,
+        headers: Mapping[str, str] | None = None,
+        format: str | None = None,
+        last_event_id: str | None = None,
+        reconnect: bool | None = None,
+        timeout: Timeout = None,
+        on_reset: Callable[[Event], object] | None = None,
+    ) -> AsyncStream[Event]:
+        """Stream the ``Event``s at ``path`` (id, type, raw data text, retry), resets included."""
+        return self._stream(
+            EVENTS,
+            path,
+            params=params,
+            headers=headers,
+            format=format,
+            last_event_id=last_event_id,
+            reconnect=reconnect,
+            timeout=timeout,
+            on_reset=on_reset,
+        )
+
+    def _stream(
+        self,
+        mode: Mode,
+        path: str,
+        *,
+        params: Any = None,
+        headers: Mapping[str, str] | None = None,
+        format: str | None = None,
+        last_event_id: str | None = None,
+        reconnect: bool | None = None,
+        timeout: Timeout = None,
+        on_reset: Callable[[Event], object] | None = None,
+    ) -> AsyncStream[Any]:
+        merged: dict[str, str] = {"Cache-Control": "no-cache"}
+        merged.update(self.headers)
+        if headers:
+            merged.update(headers)
+        if format is not None or not any(name.lower() == "accept" for name in merged):
+            merged["Accept"] = accept_header(format)
+        policy = ReconnectPolicy(
+            initial=self.backoff_initial,
+            maximum=self.backoff_max,
+            max_attempts=self.max_attempts,
+        )
+        state = StreamState(
+            mode,
+            last_event_id=last_event_id,
+            reconnect=reconnect if reconnect is not None else self.reconnect,
+            on_reset=on_reset,
+            policy=policy,
+        )
+        reader = _Reader(
+            self.client,
+            self.url(path),
+            params=params,
+            headers=merged,
+            timeout=_timeout(timeout if timeout is not None else self.timeout),
+            state=state,
+        )
+        return AsyncStream(reader, state)
+
+    async def publish(
+        self,
+        channel: str,
+        *values: Any,
+        event: str | None = None,
+        token: str | None = None,
+    ) -> list[str]:
+        """Publish values to a channel (``POST /channels/<name>``) and return their ids."""
+        if not values:
+            raise ValueError("publish() needs at least one value")
+        headers = dict(self.headers)
+        if len(values) == 1:
+            body = orjson.dumps(values[0])
+            headers["Content-Type"] = "application/json"
+        else:
+            body = b"".join(
+                orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values
+            )
+            headers["Content-Type"] = "application/x-ndjson"
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        params = {"event": event} if event is not None else None
+        try:
+            response = await self.client.post(
+                self.url("/channels/" + quote(channel, safe="")),
+                params=params,
+                content=body,
+                headers=headers,
+                timeout=_timeout(self.timeout),
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _translate(exc) from exc
+        if not 200 <= response.status_code < 300:
+            raise http_status_error(
+                response.status_code, response.reason_phrase, response.content, response
+            )
+        try:
+            ids = orjson.loads(response.content)["ids"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise StreamError(f"unexpected publish answer: {response.content[:200]!r}") from exc
+        return [str(ident) for ident in ids]
