@@ -47,11 +47,19 @@ LIMITS = {"count": 10_000_000, "interval": 60.0, "size": 1_000_000}
 class BadRequest(Exception):
     """A request value the service refuses: answered as a 4xx JSON error."""
 
-    def __init__(self, message: str, *, code: str = "bad_request", status: int = 400) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "bad_request",
+        status: int = 400,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
 def _env_float(name: str, default: float) -> float:
@@ -303,7 +311,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(BadRequest)
     def bad_request(exc: BadRequest) -> Response:
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, **exc.headers)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -321,8 +329,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     def check_capacity() -> None:
         if open_streams() >= cfg["STREAM_MAX_STREAMS"]:
-            raise BadRequest("this worker holds all the streams it can; retry shortly",
-                             code="too_many_streams", status=503)
+            raise BadRequest(
+                "this worker holds all the streams it can; retry shortly",
+                code="too_many_streams",
+                status=503,
+                headers={"Retry-After": "1"},
+            )
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
