@@ -138,7 +138,7 @@ def _messages(size: int) -> tuple[str, ...]:
 def generate_events(
     count: int, interval: float, size: int, fail_after: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """The seed's stream: ``count`` events, ``interval`` seconds apart, failing after ``fail_after``."""
+    """The seed's stream: ``count`` events ``interval`` s apart; fails after ``fail_after``."""
     messages = _messages(size)
     n = len(messages)
     stop = count if fail_after is None else fail_after
@@ -162,7 +162,9 @@ def _last_event_id(broker: Broker) -> str | None:
     if value is None or value == "":
         return None
     if not broker.valid_id(value):
-        raise BadRequest("Last-Event-ID is not an id this service gave out", code="bad_last_event_id")
+        raise BadRequest(
+            "Last-Event-ID is not an id this service gave out", code="bad_last_event_id"
+        )
     return value
 
 
@@ -199,7 +201,10 @@ class Jobs:
         job_id = secrets.token_hex(16)
         self.broker.set_meta(f"job:{job_id}", {"status": "running", "count": count})
         thread = threading.Thread(
-            target=self._run, args=(job_id, count, interval, size), daemon=True, name=f"job-{job_id}"
+            target=self._run,
+            args=(job_id, count, interval, size),
+            daemon=True,
+            name=f"job-{job_id}",
         )
         self.running[job_id] = thread
         thread.start()
@@ -276,8 +281,9 @@ def follow(
                 return
 
 
-def stream_log(broker: Broker, key: str, last_id: str | None, *, until_end: bool,
-               max_lifetime: float) -> Response:
+def stream_log(
+    broker: Broker, key: str, last_id: str | None, *, until_end: bool, max_lifetime: float
+) -> Response:
     """Subscribe now (so a broker outage is a 503, not a broken stream) and stream the log."""
     subscription = broker.subscribe(key, last_id, from_start=until_end and last_id is None)
     items = follow(subscription, key, until_end=until_end, max_lifetime=max_lifetime)
@@ -324,7 +330,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.errorhandler(BrokerUnavailable)
     def broker_down(exc: BrokerUnavailable) -> Response:
         return error_response(
-            503, "broker_unavailable", "the broker cannot be reached; try again", **{"Retry-After": "1"}
+            503,
+            "broker_unavailable",
+            "the broker cannot be reached; try again",
+            **{"Retry-After": "1"},
         )
 
     def check_capacity() -> None:
@@ -357,8 +366,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             "open_streams": open_streams(),
             "pid": os.getpid(),
         }
-        return Response(orjson.dumps(body), status=200 if reachable else 503,
-                        mimetype="application/json")
+        return Response(
+            orjson.dumps(body), status=200 if reachable else 503, mimetype="application/json"
+        )
 
     @app.get("/metrics")
     def metrics_view() -> Response:
@@ -388,7 +398,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         count, interval, size = stream_params(params)
         job_id = jobs.start(count, interval, size)
         url = f"/jobs/{job_id}/events"
-        resp = Response(orjson.dumps({"id": job_id, "events_url": url}), mimetype="application/json")
+        resp = Response(
+            orjson.dumps({"id": job_id, "events_url": url}), mimetype="application/json"
+        )
         resp.headers["Location"] = url
         return resp, 202
 
@@ -398,8 +410,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             raise BadRequest("no such job (it may have expired)", code="not_found", status=404)
         last_id = _last_event_id(broker)
         check_capacity()
-        return stream_log(broker, f"job:{job_id}", last_id, until_end=True,
-                          max_lifetime=cfg["STREAM_MAX_LIFETIME"])
+        return stream_log(
+            broker,
+            f"job:{job_id}",
+            last_id,
+            until_end=True,
+            max_lifetime=cfg["STREAM_MAX_LIFETIME"],
+        )
 
     @app.post("/channels/<name>")
     def publish(name: str) -> tuple[Response, int]:
@@ -415,12 +432,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="stream"'
                 return resp, 401
         elif not _is_loopback(request.remote_addr):
-            raise BadRequest("without STREAM_PUBLISH_TOKEN only loopback clients may publish",
-                             code="forbidden", status=403)
+            raise BadRequest(
+                "without STREAM_PUBLISH_TOKEN only loopback clients may publish",
+                code="forbidden",
+                status=403,
+            )
         event = request.args.get("event", "message")
         if not EVENT_TYPE_RE.fullmatch(event) or event in RESERVED_EVENTS:
-            raise BadRequest("event must be 1 to 64 characters of A-Z a-z 0-9 _ - . : "
-                             "and not end, reset or error", code="bad_event")
+            raise BadRequest(
+                "event must be 1 to 64 characters of A-Z a-z 0-9 _ - . : "
+                "and not end, reset or error",
+                code="bad_event",
+            )
         mimetype = request.mimetype
         body = request.get_data(cache=False)
         values: list[bytes]
@@ -441,8 +464,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             if not values:
                 raise BadRequest("the body holds no JSON value", code="bad_json")
         else:
-            raise BadRequest("Content-Type must be application/json or application/x-ndjson",
-                             code="unsupported_media_type", status=415)
+            raise BadRequest(
+                "Content-Type must be application/json or application/x-ndjson",
+                code="unsupported_media_type",
+                status=415,
+            )
         ids = broker.publish(f"channel:{name}", [(event, v) for v in values])
         metrics.PUBLISHED.inc(len(ids))
         return Response(orjson.dumps({"ids": ids}), mimetype="application/json"), 201
@@ -452,7 +478,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         _check_name(name)
         last_id = _last_event_id(broker)
         check_capacity()
-        return stream_log(broker, f"channel:{name}", last_id, until_end=False,
-                          max_lifetime=cfg["STREAM_MAX_LIFETIME"])
+        return stream_log(
+            broker,
+            f"channel:{name}",
+            last_id,
+            until_end=False,
+            max_lifetime=cfg["STREAM_MAX_LIFETIME"],
+        )
 
     return app

@@ -46,7 +46,11 @@ logconfig_dict = {
     "disable_existing_loggers": False,
     "loggers": {"stream": {"level": loglevel.upper(), "handlers": ["console"], "propagate": False}},
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stdout"}
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "generic",
+            "stream": "ext://sys.stdout",
+        }
     },
     "formatters": {
         "generic": {
@@ -112,3 +116,23 @@ def post_worker_init(worker):
         worker.log.info("worker %s stopping: ended %d open streams", worker.pid, ended)
 
     gevent.spawn(watch)
+
+
+def worker_exit(server, worker):
+    """Close the app's broker as the worker exits: the Redis reader stops, connections close.
+
+    Runs in the worker after its loop ended (streams already ended by the hook above). The
+    worker imported ``wsgi`` itself (no preload_app), so reaching it here imports nothing new.
+    """
+    import sys
+
+    wsgi = sys.modules.get("wsgi")
+    broker = getattr(getattr(wsgi, "app", None), "extensions", {}).get("stream.broker")
+    if broker is None:
+        return
+    try:
+        broker.close()
+    except Exception:  # noqa: BLE001 - exiting anyway: say so, never hang or crash the exit
+        worker.log.exception("worker %s exiting: closing the broker failed", worker.pid)
+    else:
+        worker.log.info("worker %s exiting: closed the broker", worker.pid)

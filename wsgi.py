@@ -1,4 +1,4 @@
-"""The WSGI entry point: ``gunicorn wsgi:app``. Nothing else here: gevent patches before this import."""
+"""The WSGI entry point, ``gunicorn wsgi:app``: nothing else here (gevent patches first)."""
 
 from app import create_app
 

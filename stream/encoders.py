@@ -6,13 +6,11 @@ one orjson call or one ``bytes`` concatenation per event, with no other allocati
 
 Wire shapes (see the contract, "Formats and negotiation"):
 
-========== ===================================== ======================================== =======================
-            NDJSON                                SSE                                      JSON-seq (RFC 7464)
-========== ===================================== ======================================== =======================
-value       ``<json>\\n``                          ``data: <json>\\n\\n``                       ``\\x1e<json>\\n``
-envelope    ``{"id":..,"event":..,"data":..}\\n``  ``id: ..\\nevent: ..\\ndata: <json>\\n\\n``  ``\\x1e`` + NDJSON line
-keep-alive  ``\\n``                                ``:\\n``                                     ``\\x1e``
-========== ===================================== ======================================== =======================
+- NDJSON: a value is ``<json>\n``; an envelope ``{"id":..,"event":..,"data":..}\n``;
+  a keep-alive ``\n``.
+- SSE: a value is ``data: <json>\n\n``; an envelope ``id: ..\nevent: ..\ndata: <json>\n\n``
+  (no ``event:`` line for "message"); a keep-alive ``:\n``.
+- JSON-seq (RFC 7464): ``\x1e`` + the NDJSON line; a keep-alive is a lone ``\x1e``.
 
 JSON is compact UTF-8 from orjson; NaN and Infinity are encoded as ``null`` (orjson's rule), so
 every line is valid JSON. orjson never writes a raw LF or CR, so one ``data:`` line is always

@@ -2,15 +2,15 @@
 
 ::
 
-    StreamError                      base of everything this package raises
-    ├── HTTPStatusError              the server answered with a non-2xx status (.status_code, .body, .response)
-    ├── ContentTypeError             a 2xx answer in a media type the client cannot decode (.content_type, .response)
-    ├── DecodeError                  a malformed line or text in the body (.line_number, .line)
-    │   └── LineTooLong              a line grew past the decoder's maximum size
-    ├── RemoteError                  the server's error event after the stream started (.code, .message)
-    ├── StreamReset                  the server no longer has the events after our Last-Event-ID (.event)
-    ├── StreamTimeout                no byte arrived within the read timeout (or connecting took too long)
-    └── ConnectionLost               the connection was cut and cannot be resumed (.attempts)
+    StreamError            base of everything this package raises
+    ├── HTTPStatusError    a non-2xx answer (.status_code, .body, .response)
+    ├── ContentTypeError   a 2xx answer in a media type no decoder reads (.content_type)
+    ├── DecodeError        a malformed line or text in the body (.line_number, .line)
+    │   └── LineTooLong    a line grew past the decoder's maximum size
+    ├── RemoteError        the server's error event after the stream started (.code, .message)
+    ├── StreamReset        the events after our Last-Event-ID are gone (.event)
+    ├── StreamTimeout      connecting, or waiting for the next bytes, took too long
+    └── ConnectionLost     the connection was cut and cannot be resumed (.attempts)
 
 Transport errors (requests', httpx's, socket errors) are translated in one place per client and
 chained with ``raise ... from``, so ``__cause__`` always holds the original.
@@ -26,7 +26,7 @@ class StreamError(Exception):
 
 
 class HTTPStatusError(StreamError):
-    """The server answered with a status outside 2xx; ``body`` holds its decoded JSON error, if any."""
+    """The server answered outside 2xx; ``body`` holds its decoded JSON error, if any."""
 
     def __init__(self, message: str, *, status_code: int, body: Any, response: Any = None) -> None:
         super().__init__(message)
@@ -79,7 +79,7 @@ class StreamTimeout(StreamError):
 
 
 class ConnectionLost(StreamError):
-    """The connection was cut and could not be resumed (no ids, reconnect off, or attempts spent)."""
+    """The connection was cut and cannot be resumed (no ids, reconnect off, attempts spent)."""
 
     def __init__(self, message: str, *, attempts: int = 0) -> None:
         super().__init__(message)

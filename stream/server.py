@@ -104,7 +104,7 @@ def _close_iterator(items: Iterator[Any]) -> None:
 
 
 class StreamWriter:
-    """The WSGI iterable of one stream: a producer fills a bounded buffer, ``__next__`` drains it."""
+    """The WSGI iterable of a stream: a producer fills a bounded buffer, ``__next__`` drains it."""
 
     def __init__(
         self,
@@ -434,9 +434,7 @@ def stream_response(
         heartbeat = float(config.get("STREAM_HEARTBEAT", 15.0))
     if write_timeout is None:
         write_timeout = config.get("STREAM_WRITE_TIMEOUT", 30.0)
-    encode: Callable[[Any], bytes] = (
-        encoder.encode_envelope if envelopes else encoder.encode_value
-    )
+    encode: Callable[[Any], bytes] = encoder.encode_envelope if envelopes else encoder.encode_value
     items = stream_with_context(iter(iterable))
     writer = StreamWriter(
         items,

@@ -97,7 +97,9 @@ def test_encoders(
 
 def test_sse_envelope_with_event_type() -> None:
     enc = encoder_for(SSE)
-    assert enc.encode_envelope(Envelope("2-1", "end", b"{}")) == b"id: 2-1\nevent: end\ndata: {}\n\n"
+    assert (
+        enc.encode_envelope(Envelope("2-1", "end", b"{}")) == b"id: 2-1\nevent: end\ndata: {}\n\n"
+    )
 
 
 def test_retry_hint_only_in_sse() -> None:

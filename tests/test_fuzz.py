@@ -70,8 +70,10 @@ bodies = st.one_of(
     st.binary(max_size=300),
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-        lambda children: st.lists(children, max_size=4)
-        | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
         max_leaves=10,
     ).map(lambda v: json.dumps(v).encode()),
 )
@@ -126,7 +128,9 @@ def test_jobs_start(service: Service, hdrs: dict[str, str], body: bytes) -> None
 
 @FUZZ
 @given(job=st.one_of(st.text(max_size=40), st.just("0" * 32)), query=queries, hdrs=headers)
-def test_job_events(service: Service, job: str, query: dict[str, str], hdrs: dict[str, str]) -> None:
+def test_job_events(
+    service: Service, job: str, query: dict[str, str], hdrs: dict[str, str]
+) -> None:
     path = "/jobs/" + urllib.parse.quote(job, safe="") + "/events?" + urllib.parse.urlencode(query)
     send(service, "GET", path, headers=hdrs)
 

@@ -63,12 +63,16 @@ def test_thousand_dropped_streams_release_everything(
     wait_for(lambda: metrics(svc)["stream_open_streams"] == 0, timeout=1 + 3)
     released = time.monotonic() - start
     after = wait_for(
-        lambda: (m := metrics(svc))["process_open_fds"] <= base["process_open_fds"]
-        and m["stream_greenlets"] <= base["stream_greenlets"]
-        and m,
+        lambda: (
+            (m := metrics(svc))["process_open_fds"] <= base["process_open_fds"]
+            and m["stream_greenlets"] <= base["stream_greenlets"]
+            and m
+        ),
         timeout=5,
     )
-    assert after["stream_disconnects_total"] - base["stream_disconnects_total"] == rounds * per_round
+    assert (
+        after["stream_disconnects_total"] - base["stream_disconnects_total"] == rounds * per_round
+    )
     print(f"1000 dropped streams released {released:.2f} s after the last drop")
 
 
@@ -160,7 +164,9 @@ def test_stalled_subscriber_is_cut_off_and_others_get_everything(
     for start in range(0, total, per_request):
         if start == total // 2:
             rss_half = rss_peak
-        body = b"\n".join(orjson.dumps({"n": n, "pad": pad}) for n in range(start, start + per_request))
+        body = b"\n".join(
+            orjson.dumps({"n": n, "pad": pad}) for n in range(start, start + per_request)
+        )
         resp = requests.post(
             svc.url + "/channels/big",
             data=body,

@@ -187,7 +187,9 @@ def test_not_acceptable_is_406_json() -> None:
     app = make_app(lambda: iter([1]))
     resp = app.test_client().get("/s", headers={"Accept": "text/html"})
     assert resp.status_code == 406
-    assert resp.json == {"error": {"code": "not_acceptable", "message": resp.json["error"]["message"]}}
+    assert resp.json == {
+        "error": {"code": "not_acceptable", "message": resp.json["error"]["message"]}
+    }
 
 
 def test_shut_down_sends_retry_hint_and_ends() -> None:

@@ -46,14 +46,12 @@ def metric(service: Service, name: str) -> float:
 def test_seed_events_arrive_one_by_one(service: Service) -> None:
     lines = [(t, line) for t, line in read_lines_timed(service.url + "/events") if line]
     values = [orjson.loads(line) for _, line in lines]
-    assert values == [
-        {"event_id": i, "data": SEED[i], "is_last_event": i == 3} for i in range(4)
-    ]
+    assert values == [{"event_id": i, "data": SEED[i], "is_last_event": i == 3} for i in range(4)]
     times = [t for t, _ in lines]
     # The first event is there at once, each next one about 0.5 s later: delivered live, not
     # buffered until the end.
     assert times[0] < 0.4
-    for earlier, later in zip(times, times[1:]):
+    for earlier, later in zip(times, times[1:], strict=False):
         assert later - earlier > 0.3
 
 
@@ -197,8 +195,11 @@ def test_bad_parameters_get_json_400(service: Service, query: str) -> None:
     [
         pytest.param("count=0", [], id="count-zero"),
         pytest.param("count=6&interval=0", [*SEED, *SEED[:2]], id="count-cycles"),
-        pytest.param("count=2&interval=0&size=20", ["some data ..........",
-                                                   "some more data ....."], id="size-pads"),
+        pytest.param(
+            "count=2&interval=0&size=20",
+            ["some data ..........", "some more data ....."],
+            id="size-pads",
+        ),
         pytest.param("count=1&interval=0&size=3", ["som"], id="size-cuts"),
     ],
 )
