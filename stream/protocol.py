@@ -406,6 +406,10 @@ class StreamState:
                         if not self._reset(Event(self._last_id, "reset", _text(value["data"]))):
                             return
                         continue
+                    if kind == "error" and (error := remote_error(value["data"])) is not None:
+                        # A logged error (a job interrupted by a shutdown) in its envelope.
+                        self._fail(error)
+                        return
                     yield value["data"]
                     continue
                 error = remote_error(value)
@@ -426,6 +430,9 @@ class StreamState:
                         kind = "message"
                     if kind == "end":
                         self._end()
+                        return
+                    if kind == "error" and (error := remote_error(value["data"])) is not None:
+                        self._fail(error)
                         return
                     event = Event(self._last_id, kind, _text(value["data"]))
                     if kind == "reset":

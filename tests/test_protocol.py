@@ -460,3 +460,19 @@ def test_plain_values_of_every_shape(chunk: bytes) -> None:
 
     expected = [orjson.loads(line) for line in chunk.splitlines()]
     assert list(started(NDJSON).feed(chunk)) == expected
+
+
+@pytest.mark.parametrize("mode", ["values", "events"])
+def test_error_envelope_raises_remote_error(mode: str) -> None:
+    # A job interrupted by a shutdown logs its error as an envelope with event "error".
+    state = StreamState(mode)  # type: ignore[arg-type]
+    state.start("application/x-ndjson", None)
+    body = (
+        b'{"id":"1-0","event":"message","data":{"n":1}}\n'
+        b'{"id":"1-1","event":"error","data":{"error":{"code":"interrupted","message":"m"}}}\n'
+    )
+    items = list(state.feed(body))
+    assert len(items) == 1
+    with pytest.raises(RemoteError) as info:
+        state.raise_error()
+    assert info.value.code == "interrupted"

@@ -221,3 +221,25 @@ def test_max_lifetime_ends_streams_and_clients_resume(
     resp = requests.get(svc.url + "/channels/life", timeout=10)
     assert resp.status_code == 200
     assert 0.9 < time.monotonic() - start < 5
+
+
+def test_job_in_flight_is_marked_interrupted_on_shutdown(
+    start_service: Callable[..., Service], redis_url: str
+) -> None:
+    from stream import Client
+    from stream.errors import RemoteError
+
+    env = {"REDIS_URL": redis_url, "WEB_CONCURRENCY": "1"}
+    svc = start_service(env)
+    job = requests.post(svc.url + "/jobs", json={"count": 100, "interval": 0.2}, timeout=5).json()
+    with Client(svc.url) as client, client.stream(job["events_url"]) as events:
+        assert next(iter(events))["event_id"] == 0
+    assert svc.stop(signal.SIGTERM, timeout=15) == 0
+    # Another service on the same Redis reads the log: the events, then the interruption.
+    other = start_service(env)
+    seen: list[int] = []
+    with Client(other.url) as client, pytest.raises(RemoteError) as info:
+        for value in client.stream(job["events_url"]):
+            seen.append(value["event_id"])
+    assert info.value.code == "interrupted"
+    assert seen == list(range(len(seen))) and 0 < len(seen) < 100
