@@ -27,6 +27,7 @@ cannot be interrupted: it is closed at its next ``yield``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sys
@@ -59,6 +60,10 @@ STREAM_HEADERS = {
     # nginx (and Heroku-style routers built on it) would otherwise buffer the body.
     "X-Accel-Buffering": "no",
 }
+
+#: the buffer's "lock" under gevent: the producer and the writer are greenlets of one thread and
+#: only switch inside a wait, so a real lock per stream would be memory spent on nothing
+_NO_LOCK: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
 _open_streams: set[StreamWriter] = set()
 _shutdown_callbacks: list[Callable[[], None]] = []
@@ -106,6 +111,40 @@ def _close_iterator(items: Iterator[Any]) -> None:
 class StreamWriter:
     """The WSGI iterable of a stream: a producer fills a bounded buffer, ``__next__`` drains it."""
 
+    # A worker holds thousands of these at once: no per-instance __dict__.
+    __slots__ = (
+        "_items",
+        "_encode",
+        "_encoder",
+        "_heartbeat",
+        "_max_chunk",
+        "_sock",
+        "_write_timeout",
+        "_name",
+        "_on_close",
+        "_buf",
+        "_size",
+        "_check_at",
+        "_events",
+        "_bytes",
+        "_lock",
+        "_ready",
+        "_space",
+        "_done",
+        "_stopping",
+        "_reason",
+        "_started",
+        "_closed",
+        "_shutdown",
+        "_last_write",
+        "_opened",
+        "_gevent",
+        "_producer",
+        "_watcher",
+        "_old_timeout",
+        "__weakref__",
+    )
+
     def __init__(
         self,
         items: Iterator[Any],
@@ -133,9 +172,15 @@ class StreamWriter:
         self._check_at = _FIRST_CHECK
         self._events = 0
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._gevent = _gevent_active()
+        # Under gevent the two sides are greenlets of one thread (see _produce_gevent): no lock,
+        # and the producer creates its "buffer drained" event only the first time it fills the
+        # buffer (a slow stream never does). Threads need both from the start.
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            _NO_LOCK if self._gevent else threading.Lock()
+        )
         self._ready = threading.Event()  # the buffer went from empty to not empty, or we must stop
-        self._space = threading.Event()  # the writer drained the buffer
+        self._space: threading.Event | None = None if self._gevent else threading.Event()
         self._done = False  # the producer has finished (normally, with an error, or killed)
         self._stopping = False  # the writer must end the body after what is buffered
         self._reason = "end"
@@ -144,7 +189,6 @@ class StreamWriter:
         self._shutdown = False
         self._last_write = 0.0
         self._opened = time.monotonic()
-        self._gevent = _gevent_active()
         self._producer: Any = None
         self._watcher: Any = None
         self._old_timeout: float | None = None
@@ -188,15 +232,19 @@ class StreamWriter:
             # Check again about when the buffer should reach the limit at this event size.
             self._check_at = n + max(1, (limit - size) * n // max(size, 1))
             return
-        self._space.clear()
+        space = self._space
+        if space is None:
+            space = self._space = threading.Event()
+        space.clear()
         while self._buf and not self._stopping:
-            self._space.wait()
+            space.wait()
 
     def _produce_thread(self) -> None:
         buf = self._buf
         encode = self._encode
         ready = self._ready
         space = self._space
+        assert space is not None  # created in __init__ for threads
         lock = self._lock
         limit = self._max_chunk
         count = 0
@@ -280,30 +328,38 @@ class StreamWriter:
 
         watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
         self._watcher = watcher
+        # A bound method, not a closure: no function and cells held per stream.
+        watcher.start(self._peer_readable)
 
-        def readable() -> None:
-            watcher.stop()
-            try:
-                # The watcher fired, so this returns at once: b"" is the FIN (or an RST).
-                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                watcher.start(readable)  # a spurious wake-up: keep watching
-                return
-            except Exception:  # noqa: BLE001 - a reset or a closed socket: the peer is gone
-                data = b""
-            if not data and not self._closed:
-                self._reason = "disconnect"
-                self._stop()
-
-        watcher.start(readable)
+    def _peer_readable(self) -> None:
+        watcher, sock = self._watcher, self._sock
+        assert watcher is not None and sock is not None  # set before the watcher started
+        watcher.stop()
+        try:
+            # The watcher fired, so this returns at once: b"" is the FIN (or an RST).
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            watcher.start(self._peer_readable)  # a spurious wake-up: keep watching
+            return
+        except Exception:  # noqa: BLE001 - a reset or a closed socket: the peer is gone
+            data = b""
+        if not data and not self._closed:
+            self._reason = "disconnect"
+            self._stop()
 
     def _stop(self) -> None:
         """End the body after what is buffered, and stop the producer."""
         self._stopping = True
-        self._space.set()
+        self._wake_producer()
         self._ready.set()
         if self._gevent and self._producer is not None and not self._producer.dead:
             self._producer.kill(block=False)
+
+    def _wake_producer(self) -> None:
+        """Wake a producer waiting for buffer space (under gevent only one that ever waited)."""
+        space = self._space
+        if space is not None:
+            space.set()
 
     def shut_down(self) -> None:
         """Called on worker shutdown: end this stream cleanly, hinting SSE clients to come back."""
@@ -335,7 +391,7 @@ class StreamWriter:
                     buf.clear()
                     self._size = 0
                     self._check_at = _FIRST_CHECK
-                self._space.set()
+                self._wake_producer()
                 self._last_write = time.monotonic()
                 return self._sent(data)
             if self._done or self._stopping:
@@ -359,7 +415,7 @@ class StreamWriter:
             # The server closes us before the producer finished: the write failed.
             self._reason = "disconnect"
         self._stopping = True
-        self._space.set()
+        self._wake_producer()
         if self._gevent:
             if self._producer is not None:
                 self._producer.kill(block=True, timeout=5)
