@@ -11,38 +11,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = condition()
-        except Exception as exc:  # the condition may raise while the thing starts
-            last_error = exc
-        else:
-            if result:
-                return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"condition not met within {timeout} s (last error: {last_error!r})"
-            )
-        time.sleep(interval)
+from tests.service import free_port, wait_for
 
 
 class RedisServer:
