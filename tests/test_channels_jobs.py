@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -181,7 +180,12 @@ def test_job_started_on_one_worker_is_read_on_the_other(redis_service: Service) 
 
 
 class Publisher(threading.Thread):
-    """Publishes ``{"i": 0..n-1}`` one per request, retrying while the service or Redis is down."""
+    """Publishes ``{"i": 0..n-1}`` one per request, retrying while the service or Redis is down.
+
+    A retry after a refused connection cannot duplicate; a retry after a 503 or a cut connection
+    can (Redis may have appended the entry and died before its reply went out, and the broker
+    does not retry for exactly that reason): those values are noted in ``ambiguous``.
+    """
 
     def __init__(self, url: str, channel: str, n: int, period: float) -> None:
         super().__init__(daemon=True, name="publisher")
@@ -189,23 +193,23 @@ class Publisher(threading.Thread):
         self.channel = channel
         self.n = n
         self.period = period
-        self.sent = 0
         self.retries = 0
         self.statuses: set[int] = set()
+        self.ambiguous: set[int] = set()
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             for i in range(self.n):
-                self._publish_one(orjson.dumps({"i": i}))
-                self.sent = i + 1
+                self._publish_one(i)
                 if self.stop.wait(self.period):
                     return
         except BaseException as exc:  # reported by the test
             self.error = exc
 
-    def _publish_one(self, body: bytes) -> None:
+    def _publish_one(self, i: int) -> None:
+        body = orjson.dumps({"i": i})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not self.stop.is_set():
             try:
@@ -215,40 +219,43 @@ class Publisher(threading.Thread):
                     headers={"Content-Type": "application/json", "Connection": "close"},
                     timeout=10,
                 )
-            except requests.ConnectionError:
-                self.retries += 1
-                self.stop.wait(0.02)
-                continue
-            if resp.status_code == 201:
-                return
-            self.statuses.add(resp.status_code)
-            assert resp.status_code == 503, resp.text
+            except requests.ConnectionError as exc:
+                if "refused" not in str(exc).lower():
+                    self.ambiguous.add(i)
+            else:
+                if resp.status_code == 201:
+                    return
+                self.statuses.add(resp.status_code)
+                assert resp.status_code == 503, resp.text
+                self.ambiguous.add(i)
             self.retries += 1
             self.stop.wait(0.02)
         raise AssertionError("could not publish within 60 s")
 
 
 class Subscriber(threading.Thread):
-    """Reads a channel with the client (reconnecting, resuming by id) until it has ``n`` values."""
+    """Reads a channel with the client (reconnecting, resuming by id) until the value ``last``."""
 
-    def __init__(self, url: str, channel: str, n: int, last_id: str, format: str) -> None:
+    def __init__(self, url: str, channel: str, last: int, last_id: str, format: str) -> None:
         super().__init__(daemon=True, name="subscriber")
         self.client = Client(
             url, reconnect=True, max_attempts=None, backoff_initial=0.05, backoff_max=0.5,
             timeout=(2.0, 15.0),
         )  # fmt: skip
-        self.stream = self.client.stream(
+        self.stream = self.client.events(
             f"/channels/{channel}", format=format, last_event_id=last_id, reconnect=True
         )
-        self.n = n
-        self.got: list[Any] = []
+        self.last = last
+        self.got: list[int] = []
+        self.ids: list[str] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            for value in self.stream:
-                self.got.append(value)
-                if len(self.got) >= self.n:
+            for event in self.stream:
+                self.ids.append(event.id)
+                self.got.append(event.json()["i"])
+                if self.got[-1] == self.last:
                     break
         except BaseException as exc:  # reported by the test
             self.error = exc
@@ -257,16 +264,35 @@ class Subscriber(threading.Thread):
             self.client.close()
 
 
-def check_all_once(sub: Subscriber, n: int) -> None:
+def read_log(url: str, channel: str, after: str, last: int) -> list[str]:
+    """The channel's ids after ``after`` up to the value ``last``, replayed in one request."""
+    ids: list[str] = []
+    with Client(url, timeout=(5, 10)) as client:
+        with client.events(f"/channels/{channel}", last_event_id=after, reconnect=False) as s:
+            for event in s:
+                ids.append(event.id)
+                if event.json()["i"] == last:
+                    break
+    return ids
+
+
+def check_all_once(sub: Subscriber, pub: Publisher, url: str, channel: str, after: str) -> None:
+    """The subscriber got the log exactly (each entry once, in order), and the log holds every
+    value in order, a value twice in a row only where a publish was retried ambiguously."""
     assert sub.error is None, repr(sub.error)
-    assert [v["i"] for v in sub.got] == list(range(n))
+    assert len(set(sub.ids)) == len(sub.ids), "an event was delivered twice"
+    assert sub.ids == read_log(url, channel, after, sub.last), "delivery differs from the log"
+    once = [v for k, v in enumerate(sub.got) if k == 0 or sub.got[k - 1] != v]
+    assert once == list(range(sub.last + 1))
+    twice = {v for k, v in enumerate(sub.got) if k and sub.got[k - 1] == v}
+    assert twice <= pub.ambiguous, f"published twice without an ambiguous retry: {twice}"
 
 
 def wait_progress(sub: Subscriber, pub: Publisher, at_least: int, timeout: float = 30) -> None:
     def reached() -> bool:
         for thread in (sub, pub):
             assert thread.error is None, repr(thread.error)
-        return len(sub.got) >= at_least
+        return len(sub.got) >= at_least or not sub.is_alive()
 
     wait_for(reached, timeout)
 
@@ -286,7 +312,7 @@ def test_subscriber_survives_reload_and_restart(
     # A starting id: resuming from it replays everything published after it, even if the
     # subscriber's first connection drops before its first event.
     (start_id,) = publish(svc.url, channel, {"start": True})
-    sub = Subscriber(svc.url, channel, N, start_id, format)
+    sub = Subscriber(svc.url, channel, N - 1, start_id, format)
     pub = Publisher(svc.url, channel, N, period=0.008)
     sub.start()
     pub.start()
@@ -306,13 +332,12 @@ def test_subscriber_survives_reload_and_restart(
         pub.join(30)
         assert pub.error is None, repr(pub.error)
         assert pub.retries > 0  # the publisher did meet the service down
-        assert svc2.stop(signal.SIGTERM) == 0
+        check_all_once(sub, pub, svc2.url, channel, start_id)
     finally:
         pub.stop.set()
         sub.stream.close()
         sub.join(10)
         pub.join(10)
-    check_all_once(sub, N)
 
 
 @pytest.mark.e2e
@@ -323,7 +348,7 @@ def test_subscriber_survives_redis_restart(
     svc = start_service({"REDIS_URL": redis_url, "WEB_CONCURRENCY": "2"})
     channel = unique("redis-restart")
     (start_id,) = publish(svc.url, channel, {"start": True})
-    sub = Subscriber(svc.url, channel, N, start_id, "ndjson")
+    sub = Subscriber(svc.url, channel, N - 1, start_id, "ndjson")
     pub = Publisher(svc.url, channel, N, period=0.005)
     sub.start()
     pub.start()
@@ -334,12 +359,12 @@ def test_subscriber_survives_redis_restart(
         pub.join(30)
         assert pub.error is None, repr(pub.error)
         assert pub.statuses == {503}  # refused while Redis was down, then retried
+        check_all_once(sub, pub, svc.url, channel, start_id)
     finally:
         pub.stop.set()
         sub.stream.close()
         sub.join(10)
         pub.join(10)
-    check_all_once(sub, N)
 
 
 # -- 3. a job resumed halfway -----------------------------------------------------------------
@@ -620,7 +645,7 @@ def test_resume_from_a_retained_id_does_not_reset(short_history: Service) -> Non
     channel, _, kept = trimmed_channel(short_history)
     with Client(short_history.url, timeout=(5, 10)) as client:
         with client.events(f"/channels/{channel}", last_event_id=kept[0]) as s:
-            events = [event for event, _ in zip(s, range(4), strict=False)]
+            events = [event for _, event in zip(range(4), s, strict=False)]
     assert [e.id for e in events] == kept[1:]
 
 
@@ -630,25 +655,36 @@ def test_resume_from_a_retained_id_does_not_reset(short_history: Service) -> Non
 @pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_worker_exit_closes_the_redis_broker(
-    start_service: Callable[..., Service], redis_url: str, tmp_path: Path
+    start_service: Callable[..., Service], redis_url: str
 ) -> None:
     svc = start_service({"REDIS_URL": redis_url, "WEB_CONCURRENCY": "2"})
     channel = unique("exit")
-    # Give the workers a reader thread to stop.
-    client = Client(svc.url, timeout=(5, 10))
-    streams = [client.stream(f"/channels/{channel}", reconnect=False) for _ in range(4)]
-    for s in streams:
-        s.__enter__()
+    # A subscriber on each worker, so that each has a running reader to stop.
+    first = pinned_to(svc.port, lambda pid: True)
+    second = pinned_to(svc.port, lambda pid: pid != first.pid)
+    streams = []
+    for pinned in (first, second):
+        pinned.conn.request("GET", f"/channels/{channel}")
+        streams.append(pinned.conn.getresponse())
+        assert streams[-1].status == 200
     publish(svc.url, channel, {"x": 1})
-    assert [next(iter(s)) for s in streams] == [{"x": 1}] * 4
-    pids = svc.worker_pids()
+    for stream in streams:
+        assert [e["data"] for e in read_envelopes(stream, 1)] == [{"x": 1}]
+    codes: list[int] = []
+    stopper = threading.Thread(target=lambda: codes.append(svc.stop(signal.SIGTERM)))
     started = time.monotonic()
-    assert svc.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 8
-    for s in streams:
-        assert list(s) == []  # the stream ended cleanly (shutdown), nothing more
-        s.close()
-    client.close()
+    stopper.start()
+    try:
+        for stream in streams:
+            # The body ends cleanly (the last chunk), with nothing after the event.
+            assert stream.read() in (b"", b"\n")
+    finally:
+        first.close()
+        second.close()
+        stopper.join(30)
+    assert codes == [0]
+    # Well within GRACEFUL_TIMEOUT (10 s here): closing the broker does not hold the exit up.
+    assert time.monotonic() - started < 5
     log = svc.log()
-    for pid in pids:
+    for pid in (first.pid, second.pid):
         assert f"worker {pid} exiting: closed the broker" in log
