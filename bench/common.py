@@ -27,9 +27,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(
-    condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05
-) -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
     """Poll ``condition`` until truthy; raise after ``timeout`` seconds (no fixed sleeps)."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
@@ -91,15 +89,17 @@ class Server:
         env: dict[str, str] | None = None,
         cwd: Path = ROOT,
         forks_worker: bool = False,
+        workers: int = 1,
     ) -> None:
         self.name = name
         self._argv = argv
         self.health = health
-        self.env = {**os.environ, **(env or {})}
-        self.env.pop("REDIS_URL", None)
-        self.env.pop("PORT", None)
+        # The caller's env may set REDIS_URL; the bench's own environment never leaks in.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PORT")}
+        self.env = {**inherited, **(env or {})}
         self.cwd = cwd
         self.forks_worker = forks_worker
+        self.workers = workers
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -141,10 +141,15 @@ class Server:
         assert self.proc is not None
         if not self.forks_worker:
             return self.proc.pid
-        pids = wait_for(lambda: children(self.proc.pid), 10)  # type: ignore[union-attr]
-        if len(pids) != 1:
-            raise RuntimeError(f"{self.name}: expected one worker, found {pids}")
-        return pids[0]
+        master = self.proc.pid
+
+        def all_up() -> list[int] | None:
+            pids = children(master)
+            return pids if len(pids) == self.workers else None
+
+        pids = wait_for(all_up, 10)
+        # With several workers (Redis fan-out), RSS and CPU are sampled on the first one.
+        return int(sorted(pids)[0])
 
     def stop(self) -> None:
         if self.proc is None:

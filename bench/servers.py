@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
-from bench.common import PY, ROOT, Server
+from bench.common import LOGS, PY, ROOT, Server, free_port, wait_for
 
 UVICORN = ["--loop", "uvloop", "--http", "httptools", "--host", "127.0.0.1"]
 
@@ -58,6 +62,44 @@ def project_service() -> Server:
         env={"STREAM_HEARTBEAT": "15", "WEB_CONCURRENCY": "1"},
         forks_worker=True,
     )
+
+
+def project_service_redis(redis_url: str, workers: int = 2) -> Server:
+    """This project on Redis Streams with ``workers`` gunicorn workers."""
+    return Server(
+        "project-redis",
+        lambda p: [PY, "-m", "gunicorn", "wsgi:app", "--bind", f"127.0.0.1:{p}"],
+        env={"STREAM_HEARTBEAT": "15", "WEB_CONCURRENCY": str(workers), "REDIS_URL": redis_url},
+        forks_worker=True,
+        workers=workers,
+    )
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port (no persistence); yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    LOGS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, open(LOGS / "redis.log", "ab") as log:
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", ""]
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            import redis
+
+            client = redis.Redis(port=port)
+            wait_for(client.ping, 10)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 def project_bench() -> Server:
