@@ -134,14 +134,23 @@ return {1, i['max-deleted-entry-id'], i['last-generated-id'], entries}
 )
 
 
+#: Redis connections one worker opens at most; more concurrent callers wait for a free one.
+MAX_CONNECTIONS = 64
+
+
 def _client(url: str, socket_timeout: float, connect_timeout: float) -> redis.Redis:
-    return redis.Redis.from_url(
+    # A bounded, blocking pool: a burst of subscribes (a thousand clients reconnecting after a
+    # deploy) would otherwise open a connection each and be refused by Redis' limits.
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=socket_timeout,
         socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout,
         retry=Retry(NoBackoff(), 0),
         protocol=2,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def _envelope(entry_id: bytes, fields: Sequence[bytes]) -> Envelope:

@@ -429,6 +429,13 @@ class StreamWriter:
                 self._sock.settimeout(self._old_timeout)
             except OSError:
                 pass
+        if self._shutdown and self._sock is not None:
+            # The body is complete (the server wrote its last chunk before calling close):
+            # end the connection too, or a stopping worker would wait out the keep-alive.
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         _open_streams.discard(self)
         metrics.OPEN_STREAMS.dec()
         metrics.EVENTS_SENT.inc(self._events)
