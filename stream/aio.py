@@ -37,12 +37,13 @@ from .event import Event
 from .protocol import (
     ERROR_BODY_LIMIT,
     EVENTS,
+    RETRYABLE_STATUSES,
     VALUES,
     Mode,
     ReconnectPolicy,
     StreamState,
-    accept_header,
     http_status_error,
+    request_headers,
 )
 
 __all__ = ["AsyncClient", "AsyncStream"]
@@ -50,7 +51,6 @@ __all__ = ["AsyncClient", "AsyncStream"]
 T = TypeVar("T")
 
 #: statuses that a resuming request waits out (a deploy in progress, an overloaded router)
-_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 Timeout = float | tuple[float, float] | tuple[float, None] | httpx.Timeout | None
 
@@ -168,7 +168,7 @@ class _Reader:
             except (StreamTimeout, ConnectionLost) as exc:
                 cause = exc
             except HTTPStatusError as exc:
-                if exc.status_code not in _RETRYABLE_STATUSES:
+                if exc.status_code not in RETRYABLE_STATUSES:
                     raise
                 cause = exc
             delay = state.connect_failed(cause)
@@ -413,12 +413,7 @@ class AsyncClient:
         timeout: Timeout = None,
         on_reset: Callable[[Event], object] | None = None,
     ) -> AsyncStream[Any]:
-        merged: dict[str, str] = {"Cache-Control": "no-cache"}
-        merged.update(self.headers)
-        if headers:
-            merged.update(headers)
-        if format is not None or not any(name.lower() == "accept" for name in merged):
-            merged["Accept"] = accept_header(format)
+        merged = request_headers(self.headers, headers, format)
         policy = ReconnectPolicy(
             initial=self.backoff_initial,
             maximum=self.backoff_max,

@@ -30,12 +30,13 @@ from .event import Event
 from .protocol import (
     ERROR_BODY_LIMIT,
     EVENTS,
+    RETRYABLE_STATUSES,
     VALUES,
     Mode,
     ReconnectPolicy,
     StreamState,
-    accept_header,
     http_status_error,
+    request_headers,
 )
 
 __all__ = ["Client", "Stream"]
@@ -46,7 +47,6 @@ T = TypeVar("T")
 READ_SIZE = 256 * 1024
 
 #: statuses that a resuming request waits out (a deploy in progress, an overloaded router)
-_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 Timeout = float | tuple[float, float] | tuple[float, None] | None
 
@@ -184,7 +184,7 @@ class _Reader:
             except (StreamTimeout, ConnectionLost) as exc:
                 cause = exc
             except HTTPStatusError as exc:
-                if exc.status_code not in _RETRYABLE_STATUSES:
+                if exc.status_code not in RETRYABLE_STATUSES:
                     raise
                 cause = exc
             delay = state.connect_failed(cause)
@@ -424,12 +424,7 @@ class Client:
         on_reset: Callable[[Event], object] | None = None,
         hooks: _Hooks = _NO_HOOKS,
     ) -> Stream[Any]:
-        merged: dict[str, str | bytes] = {"Cache-Control": "no-cache"}
-        merged.update(self.headers)
-        if headers:
-            merged.update(headers)
-        if format is not None or not any(name.lower() == "accept" for name in merged):
-            merged["Accept"] = accept_header(format)
+        merged: dict[str, str | bytes] = {**request_headers(self.headers, headers, format)}
         policy = ReconnectPolicy(
             initial=self.backoff_initial,
             maximum=self.backoff_max,

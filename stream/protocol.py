@@ -48,7 +48,7 @@ Deliberate rules (the wire formats leave them open; keep them unless the server 
 from __future__ import annotations
 
 import random as _random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final, Literal, Protocol
@@ -73,6 +73,7 @@ from .sse import SSEDecoder
 __all__ = [
     "ACCEPT_ANY",
     "EVENTS",
+    "RETRYABLE_STATUSES",
     "VALUES",
     "Decoder",
     "Mode",
@@ -82,6 +83,7 @@ __all__ = [
     "http_status_error",
     "media_type",
     "remote_error",
+    "request_headers",
 ]
 
 Mode = Literal["values", "events"]
@@ -181,6 +183,23 @@ def http_status_error(
 def _text(value: Any) -> str:
     """The compact JSON text of a decoded value (an ``Event``'s ``data`` for NDJSON/JSON-seq)."""
     return orjson.dumps(value).decode()
+
+
+#: statuses a resume retries (the server restarting, overloaded, or its broker briefly down)
+RETRYABLE_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+
+
+def request_headers(
+    client_headers: Mapping[str, str], headers: Mapping[str, str] | None, format: str | None
+) -> dict[str, str]:
+    """The headers of a stream request: the client's, the call's, and an ``Accept``."""
+    merged: dict[str, str] = {"Cache-Control": "no-cache"}
+    merged.update(client_headers)
+    if headers:
+        merged.update(headers)
+    if format is not None or not any(name.lower() == "accept" for name in merged):
+        merged["Accept"] = accept_header(format)
+    return merged
 
 
 @dataclass(slots=True)
