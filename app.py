@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException
 
 from stream import metrics
 from stream.broker import Broker, BrokerUnavailable, SlowConsumer, Subscription, create_broker
+from stream.encoders import dumps_compact
 from stream.errors import RemoteError
 from stream.event import Envelope
 from stream.server import error_response, on_shutdown, open_streams, stream_response
@@ -212,7 +213,7 @@ class Jobs:
 
     def _run(self, job_id: str, count: int, interval: float, size: int) -> None:
         key = f"job:{job_id}"
-        dumps = orjson.dumps
+        dumps = dumps_compact
         batch: list[tuple[str, bytes]] = []
         try:
             for event in generate_events(count, interval, size):
@@ -253,7 +254,7 @@ class Jobs:
             key = f"job:{job_id}"
             error = {"error": {"code": "interrupted", "message": "the server stopped this job"}}
             try:
-                self.broker.publish(key, [("error", orjson.dumps(error))])
+                self.broker.publish(key, [("error", dumps_compact(error))])
                 self.broker.set_meta(key, {"status": "interrupted"}, ttl=self.ttl)
                 self.broker.expire(key, self.ttl)
             except BrokerUnavailable:
@@ -449,7 +450,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         values: list[bytes]
         if mimetype == "application/json":
             try:
-                values = [orjson.dumps(orjson.loads(body))]
+                values = [dumps_compact(orjson.loads(body))]
             except orjson.JSONDecodeError as exc:
                 raise BadRequest(f"the body is not JSON: {exc}", code="bad_json") from None
         elif mimetype in ("application/x-ndjson", "application/ndjson"):
@@ -458,7 +459,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                 if not line.strip():
                     continue
                 try:
-                    values.append(orjson.dumps(orjson.loads(line)))
+                    values.append(dumps_compact(orjson.loads(line)))
                 except orjson.JSONDecodeError as exc:
                     raise BadRequest(f"line {number} is not JSON: {exc}", code="bad_json") from None
             if not values:

@@ -110,3 +110,18 @@ def test_retry_hint_only_in_sse() -> None:
 
 def test_nan_is_encoded_as_null() -> None:
     assert encoder_for(NDJSON).encode_value({"x": float("nan")}) == b'{"x":null}\n'
+
+
+def test_dumps_compact_owns_only_its_size() -> None:
+    import tracemalloc
+
+    from stream.encoders import dumps_compact
+
+    tracemalloc.start()
+    try:
+        kept = [dumps_compact({"n": i}) for i in range(1000)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert kept[7] == b'{"n":7}'
+    assert held < 1000 * 200  # orjson's own results would hold ~4 KiB each
