@@ -101,6 +101,16 @@ class Service:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metrics(self) -> dict[str, float]:
+        """The worker's /metrics as a name -> value mapping (labels kept in the name)."""
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
     def url_for(self, path: str) -> str:
         return self.url + path
 

@@ -23,13 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
 def metrics(service: Service) -> dict[str, float]:
-    text = requests.get(service.url + "/metrics", timeout=10).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return service.metrics()
 
 
 def open_raw(service: Service, path: str, headers: str = "") -> socket.socket:

@@ -36,11 +36,7 @@ def read_lines_timed(url: str, headers: dict[str, str] | None = None) -> list[tu
 
 
 def metric(service: Service, name: str) -> float:
-    text = requests.get(service.url + "/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+    return service.metrics()[name]
 
 
 def test_seed_events_arrive_one_by_one(service: Service) -> None:
