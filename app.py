@@ -42,7 +42,7 @@ DECIMAL_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,9})?|\.[0-9]{1,9}")
 #: event types the protocol itself uses; publishers may not send them
 RESERVED_EVENTS = frozenset({"end", "reset", "error"})
 
-LIMITS = {"count": 10_000_000, "interval": 60.0, "size": 1_000_000}
+MAX_COUNT, MAX_INTERVAL, MAX_SIZE = 10_000_000, 60.0, 1_000_000
 
 
 class BadRequest(Exception):
@@ -123,9 +123,9 @@ def _decimal_param(args: Mapping[str, Any], name: str, default: float, maximum: 
 
 def stream_params(args: Mapping[str, Any]) -> tuple[int, float, int]:
     """``count``, ``interval`` and ``size`` from a query string or a JSON body, validated."""
-    count = _int_param(args, "count", len(SEED_MESSAGES), LIMITS["count"])  # type: ignore[arg-type]
-    interval = _decimal_param(args, "interval", 0.5, LIMITS["interval"])
-    size = _int_param(args, "size", 0, LIMITS["size"])  # type: ignore[arg-type]
+    count = _int_param(args, "count", len(SEED_MESSAGES), MAX_COUNT)
+    interval = _decimal_param(args, "interval", 0.5, MAX_INTERVAL)
+    size = _int_param(args, "size", 0, MAX_SIZE)
     return count, interval, size
 
 
