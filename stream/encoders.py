@@ -91,6 +91,17 @@ class Encoder:
     keepalive: bytes
     encode_value: Callable[[Any], bytes]
     encode_envelope: Callable[[Envelope], bytes]
+    #: prefix, separator and suffix that frame a batch of bare JSON documents as values
+    value_frame: tuple[bytes, bytes, bytes]
+
+    def frame_values(self, documents: list[bytes]) -> bytes:
+        """Values already encoded by ``orjson.dumps``, framed in one join (a batch's encoding).
+
+        ``b"".join(map(encode_value, values))`` without a concatenation per value: a fast
+        producer keeps the bare documents of a few dozen events and frames them together.
+        """
+        prefix, separator, suffix = self.value_frame
+        return prefix + separator.join(documents) + suffix
 
     def error(self, code: str, message: str) -> bytes:
         """The error event that ends a stream whose producer failed after it started."""
@@ -111,9 +122,11 @@ class Encoder:
 
 
 ENCODERS: dict[str, Encoder] = {
-    NDJSON: Encoder(NDJSON, b"\n", _ndjson_value, _envelope_line),
-    SSE: Encoder(SSE, b":\n", _sse_value, _sse_envelope),
-    JSON_SEQ: Encoder(JSON_SEQ, b"\x1e", _jsonseq_value, _jsonseq_envelope),
+    NDJSON: Encoder(NDJSON, b"\n", _ndjson_value, _envelope_line, (b"", b"\n", b"\n")),
+    SSE: Encoder(SSE, b":\n", _sse_value, _sse_envelope, (b"data: ", b"\n\ndata: ", b"\n\n")),
+    JSON_SEQ: Encoder(
+        JSON_SEQ, b"\x1e", _jsonseq_value, _jsonseq_envelope, (b"\x1e", b"\n\x1e", b"\n")
+    ),
 }
 
 

@@ -3,18 +3,23 @@
 ``stream_response(iterable)`` negotiates the format, keeps the request context alive for the
 generator (``stream_with_context``), and hands WSGI a writer object instead of the generator:
 
-- the generator runs in a producer of its own (a greenlet under gevent, a thread otherwise) and
-  appends encoded events to a buffer; the writer (the WSGI iterable gunicorn drives) sends
-  whatever is buffered in one write. A fast producer gets large writes, a slow one gets each
-  event sent the moment it is produced: the writer is woken by the first event of an empty
-  buffer, and coalescing only ever takes what is already there (no timer, no added delay);
-- the buffer is bounded (``max_chunk`` bytes): a producer that runs ahead of a slow socket waits;
-- while the buffer stays empty for ``heartbeat`` seconds the writer sends a keep-alive, even
-  while the generator is blocked, so routers and proxies never see a silent connection, and a
-  vanished client is noticed at the latest by that write;
-- under gunicorn+gevent a watcher also waits for the peer's FIN on the socket, so a client that
-  leaves is noticed at once; the producer is then killed, which raises ``GreenletExit`` where the
-  generator is blocked and runs its ``finally``;
+- under gunicorn+gevent the generator first runs *inline*, in the greenlet that serves the
+  request: each value it yields after a wait is sent at once, in its own write (no hand-off,
+  no added delay), and an open stream that mostly waits costs one greenlet. Once it yields
+  values back to back (``_BURST`` in a row without waiting) it is handed to a *producer*
+  greenlet that fills a bounded buffer (``max_chunk`` bytes; it waits while the buffer is full)
+  while the serving greenlet sends whatever is buffered in one write. The producer keeps the
+  bare orjson documents of a few dozen values and frames them in one join; an event that is
+  not followed at once by another still goes out at once (the writer wakes on the first event
+  of an empty buffer and only ever takes what is already there). Without gevent (Flask's
+  development server, test clients) the producer is a thread;
+- while nothing is sent for ``heartbeat`` seconds a keep-alive goes out, even while the
+  generator is blocked (inline: a libev timer writes it to the socket, framed as gunicorn
+  frames the body), so routers and proxies never see a silent connection; the first bytes
+  follow the headers within ``FIRST_BYTES_WAIT``;
+- under gunicorn+gevent a libev watcher waits for the peer's FIN, so a client that leaves is
+  noticed at once: ``GreenletExit`` is raised where the generator waits, and its ``finally``
+  runs;
 - an exception in the generator ends the stream with the contract's error event (a
   ``RemoteError`` raised by the generator keeps its code and message; anything else is logged
   and reported as ``internal_error`` without its text, which may hold secrets);
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import sys
 import threading
@@ -36,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import orjson
 from flask import Response, request, stream_with_context
 
 from . import metrics
@@ -50,8 +57,14 @@ log = logging.getLogger("stream.server")
 DEFAULT_MAX_CHUNK = 256 * 1024
 #: how long the first write waits for the producer before it sends a keep-alive instead
 FIRST_BYTES_WAIT = 0.005
-#: events buffered before the gevent producer first sums the bytes it holds
-_FIRST_CHECK = 4
+#: events a producer batch starts with, the most it holds, and the bytes it aims at
+_BATCH_FIRST, _BATCH_MAX, _BATCH_BYTES = 8, 64, 16 * 1024
+#: events in a row yielded without waiting after which an inline stream gets a producer
+_BURST = 2
+# how the generator runs (see StreamWriter)
+_NOT_STARTED, _INLINE, _PRODUCER, _THREAD = 0, 1, 2, 3
+#: "no value" (None is a JSON value)
+_NOTHING: Any = object()
 #: reconnection time suggested to SSE clients when the server shuts down, in ms
 SHUTDOWN_RETRY_MS = 1000
 
@@ -74,6 +87,14 @@ def _gevent_active() -> bool:
     """Whether gevent has patched this process (then producers are greenlets that can be killed)."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and bool(monkey.is_module_patched("socket"))
+
+
+def _greenlet_exit() -> type[BaseException]:
+    """greenlet's GreenletExit (imported late: threads-only processes need no greenlet)."""
+    from greenlet import GreenletExit
+
+    exit_type: type[BaseException] = GreenletExit
+    return exit_type
 
 
 def open_streams() -> int:
@@ -109,27 +130,46 @@ def _close_iterator(items: Iterator[Any]) -> None:
 
 
 class StreamWriter:
-    """The WSGI iterable of a stream: a producer fills a bounded buffer, ``__next__`` drains it."""
+    """The WSGI iterable of a stream: runs the generator, encodes, coalesces, keeps alive.
+
+    Three ways to run the generator, chosen when the server first asks for bytes:
+
+    - *inline* (gunicorn + gevent): in the server's own greenlet, one event per write, while
+      the generator waits between events (what most streams do). A libev timer writes the
+      keep-alives straight to the socket while the generator is blocked, and a libev watcher
+      sees the client leave; neither needs a greenlet, so an open stream costs one greenlet;
+    - *producer* (gevent): once the generator yields ``_BURST`` events in a row without waiting,
+      it moves to a producer greenlet of its own that fills a bounded buffer, and this side
+      sends whatever is buffered in one write (the coalescing path of fast streams);
+    - *thread* (no gevent: Flask's development server, test clients): a producer thread.
+    """
 
     # A worker holds thousands of these at once: no per-instance __dict__.
     __slots__ = (
         "_items",
         "_encode",
+        "_dumps",
+        "_frame_docs",
         "_encoder",
         "_heartbeat",
         "_max_chunk",
         "_sock",
         "_write_timeout",
+        "_chunked",
         "_name",
         "_on_close",
         "_buf",
+        "_pending",
+        "_batch",
         "_size",
-        "_check_at",
+        "_tail",
+        "_owed",
         "_events",
         "_bytes",
         "_lock",
         "_ready",
         "_space",
+        "_mode",
         "_done",
         "_stopping",
         "_reason",
@@ -139,8 +179,15 @@ class StreamWriter:
         "_last_write",
         "_opened",
         "_gevent",
+        "_loop",
+        "_handler",
         "_producer",
         "_watcher",
+        "_timer",
+        "_in_gen",
+        "_switched",
+        "_burst",
+        "_interrupted",
         "_old_timeout",
         "__weakref__",
     )
@@ -148,90 +195,125 @@ class StreamWriter:
     def __init__(
         self,
         items: Iterator[Any],
-        encode: Callable[[Any], bytes],
         encoder: Encoder,
         *,
         heartbeat: float,
+        envelopes: bool = False,
         max_chunk: int = DEFAULT_MAX_CHUNK,
         sock: socket.socket | None = None,
         write_timeout: float | None = None,
+        chunked: bool | None = None,
         name: str = "stream",
         on_close: Callable[[str], None] | None = None,
     ) -> None:
+        """``chunked`` says how the server frames the body (gunicorn: chunked for HTTP/1.1,
+        raw for HTTP/1.0); ``None`` when unknown, which rules out the inline mode (its
+        keep-alives are written to ``sock`` directly, so they must be framed as the server
+        frames its own writes)."""
         self._items = items
-        self._encode = encode
         self._encoder = encoder
+        if envelopes:
+            self._encode: Callable[[Any], bytes] = encoder.encode_envelope
+            self._dumps: Callable[[Any], bytes] = encoder.encode_envelope
+            self._frame_docs: Callable[[list[bytes]], bytes] = b"".join
+        else:
+            self._encode = encoder.encode_value
+            self._dumps = orjson.dumps
+            self._frame_docs = encoder.frame_values
         self._heartbeat = heartbeat
         self._max_chunk = max_chunk
         self._sock = sock
         self._write_timeout = write_timeout
+        self._chunked = chunked
         self._name = name
         self._on_close = on_close
-        self._buf: list[bytes] = []
+        self._buf: list[bytes] = []  # framed chunks, ready to send
+        self._pending: list[bytes] = []  # the gevent producer's batch of bare documents
+        self._batch = _BATCH_FIRST
         self._size = 0
-        self._check_at = _FIRST_CHECK
+        self._tail = b""  # sent after everything else when the stream ends (error, retry hint)
+        self._owed = b""  # the rest of a keep-alive frame the socket took only part of
         self._events = 0
         self._bytes = 0
         self._gevent = _gevent_active()
-        # Under gevent the two sides are greenlets of one thread (see _produce_gevent): no lock,
-        # and the producer creates its "buffer drained" event only the first time it fills the
-        # buffer (a slow stream never does). Threads need both from the start.
+        # Under gevent everything runs in one thread and only switches inside a wait: no lock,
+        # and the "buffer drained" event exists only once a producer first filled the buffer.
         self._lock: contextlib.AbstractContextManager[Any] = (
             _NO_LOCK if self._gevent else threading.Lock()
         )
         self._ready = threading.Event()  # the buffer went from empty to not empty, or we must stop
         self._space: threading.Event | None = None if self._gevent else threading.Event()
-        self._done = False  # the producer has finished (normally, with an error, or killed)
-        self._stopping = False  # the writer must end the body after what is buffered
+        self._mode = _NOT_STARTED
+        self._done = False  # the generator has finished (normally, with an error, or killed)
+        self._stopping = False  # end the body after what is buffered
         self._reason = "end"
         self._started = False
         self._closed = False
         self._shutdown = False
         self._last_write = 0.0
         self._opened = time.monotonic()
+        self._loop: Any = None
+        self._handler: Any = None
         self._producer: Any = None
         self._watcher: Any = None
+        self._timer: Any = None
+        self._in_gen = False  # inline: the server's greenlet is inside the generator
+        self._switched = False  # inline: the generator waited while producing this event
+        self._burst = 0  # inline: events in a row the generator yielded without waiting
+        self._interrupted = False  # inline: we threw GreenletExit into the generator
         self._old_timeout: float | None = None
         _open_streams.add(self)
         metrics.OPEN_STREAMS.inc()
         if _shutting_down:
             self.shut_down()
 
-    # -- the producer side ------------------------------------------------------------------
+    # -- producers (gevent greenlet, thread) --------------------------------------------------
 
-    def _produce_gevent(self) -> None:
+    def _produce_gevent(self, first: Any = _NOTHING) -> None:
         # Cooperative: nothing else runs between two statements here unless the generator or
         # a wait switches, so the buffer needs no lock (the writer also runs in this thread).
-        # This loop runs once per event: it only appends and compares a length; the bytes
-        # buffered are summed on a slow path at lengths estimated from the events seen so far.
-        buf = self._buf
-        append = buf.append
-        encode = self._encode
+        # Per event: one orjson call and one append. Every ``_batch`` events the bare documents
+        # are framed in one join, counted, and the producer waits if the buffer is full.
+        pending = self._pending
+        append = pending.append
+        dumps = self._dumps
         ready = self._ready
-        count = 0
         try:
+            if first is not _NOTHING:
+                append(dumps(first))
+                ready.set()
             for item in self._items:
-                append(encode(item))
-                count += 1
-                n = len(buf)
+                append(dumps(item))
+                n = len(pending)
                 if n == 1:
                     ready.set()
-                elif n >= self._check_at:
-                    self._check_space(n)
-            self._finish(count, None)
+                elif n >= self._batch:
+                    self._seal()
+                    if self._size >= self._max_chunk:
+                        self._wait_for_space()
+            self._finish(None)
         except BaseException as exc:  # noqa: B036 - GreenletExit is how a departed client stops us
-            self._finish(count, exc)
+            self._finish(exc)
         finally:
             _close_iterator(self._items)
 
-    def _check_space(self, n: int) -> None:
-        """The slow path of the gevent producer: wait while the buffer holds ``max_chunk`` bytes."""
-        size = sum(map(len, self._buf))
-        limit = self._max_chunk
-        if size < limit:
-            # Check again about when the buffer should reach the limit at this event size.
-            self._check_at = n + max(1, (limit - size) * n // max(size, 1))
+    def _seal(self) -> None:
+        """Frame the producer's batch of documents into one chunk of the buffer."""
+        pending = self._pending
+        n = len(pending)
+        if not n:
             return
+        chunk = self._frame_docs(pending)
+        pending.clear()
+        self._events += n
+        self._buf.append(chunk)
+        size = len(chunk)
+        self._size += size
+        # Next batch: about _BATCH_BYTES at this stream's event size, so big events are framed
+        # (and the buffer's bound checked) nearly one by one.
+        self._batch = max(2, min(_BATCH_MAX, _BATCH_BYTES * n // size))
+
+    def _wait_for_space(self) -> None:
         space = self._space
         if space is None:
             space = self._space = threading.Event()
@@ -247,7 +329,6 @@ class StreamWriter:
         assert space is not None  # created in __init__ for threads
         lock = self._lock
         limit = self._max_chunk
-        count = 0
         items = self._items
         try:
             for item in items:
@@ -257,7 +338,7 @@ class StreamWriter:
                     self._size += len(data)
                     full = self._size >= limit
                     first = len(buf) == 1
-                count += 1
+                self._events += 1
                 if first:
                     ready.set()
                 while full and not self._stopping:
@@ -269,29 +350,32 @@ class StreamWriter:
                     # A thread cannot be interrupted inside the generator: it is closed below,
                     # at its yield, so its ``finally`` still runs.
                     break
-            self._finish(count, None)
+            self._finish(None)
         except BaseException as exc:  # noqa: B036 - reported as the stream's error event
-            self._finish(count, exc)
+            self._finish(exc)
         finally:
             _close_iterator(items)
 
-    def _finish(self, count: int, exc: BaseException | None) -> None:
-        self._events += count
-        if exc is not None and not self._stopping and isinstance(exc, Exception):
-            if isinstance(exc, RemoteError):
-                code, message = exc.code, exc.message
-            else:
-                log.error("stream %s failed", self._name, exc_info=exc)
-                code, message = "internal_error", "the stream failed on the server"
-            frame = self._encoder.error(code, message)
-            with self._lock:
-                self._buf.append(frame)
-                self._size += len(frame)
-            self._reason = "error"
+    def _finish(self, exc: BaseException | None) -> None:
+        self._seal()
+        if exc is not None:
+            self._failed(exc)
         self._done = True
         self._ready.set()
 
-    # -- the writer side (driven by the WSGI server) ----------------------------------------
+    def _failed(self, exc: BaseException) -> None:
+        """The generator (or encoding its value) raised: end with the contract's error event."""
+        if self._stopping or not isinstance(exc, Exception):
+            return
+        if isinstance(exc, RemoteError):
+            code, message = exc.code, exc.message
+        else:
+            log.error("stream %s failed", self._name, exc_info=exc)
+            code, message = "internal_error", "the stream failed on the server"
+        self._tail += self._encoder.error(code, message)
+        self._reason = "error"
+
+    # -- starting -------------------------------------------------------------------------
 
     def __iter__(self) -> StreamWriter:
         return self
@@ -302,10 +386,19 @@ class StreamWriter:
         if self._gevent:
             import gevent
 
-            self._producer = gevent.spawn(self._produce_gevent)
+            self._loop = gevent.get_hub().loop
             if self._sock is not None:
                 self._watch_peer(self._sock)
+            if self._sock is not None and self._chunked is not None:
+                self._mode = _INLINE
+                self._handler = gevent.getcurrent()
+                # The first keep-alive goes out FIRST_BYTES_WAIT after the headers, unless an
+                # event does first.
+                self._arm_heartbeat(FIRST_BYTES_WAIT)
+            else:
+                self._start_producer(_NOTHING)
         else:
+            self._mode = _THREAD
             self._producer = threading.Thread(
                 target=self._produce_thread, name=f"stream-{self._name}", daemon=True
             )
@@ -318,15 +411,28 @@ class StreamWriter:
             except OSError:
                 pass
 
+    def _start_producer(self, first: Any) -> None:
+        import gevent
+
+        self._mode = _PRODUCER
+        if self._stopping:
+            self._done = True
+            return
+        producer = gevent.Greenlet(self._produce_gevent, first)
+        if self._handler is not None:
+            # The generator ran here first: Flask's contexts (context variables) were pushed in
+            # this greenlet's context, so they must be popped in the same one.
+            producer.gr_context = self._handler.gr_context
+        self._producer = producer
+        producer.start()
+
     def _watch_peer(self, sock: socket.socket) -> None:
         """Wait for the peer's FIN (HTTP/1.1 clients send nothing else while they read).
 
         A libev read watcher with a callback, not a greenlet: thousands of open streams would
         otherwise each hold one more greenlet (and its saved stack) just to wait.
         """
-        import gevent
-
-        watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+        watcher = self._loop.io(sock.fileno(), 1)
         self._watcher = watcher
         # A bound method, not a closure: no function and cells held per stream.
         watcher.start(self._peer_readable)
@@ -347,13 +453,26 @@ class StreamWriter:
             self._reason = "disconnect"
             self._stop()
 
+    # -- stopping -------------------------------------------------------------------------
+
     def _stop(self) -> None:
-        """End the body after what is buffered, and stop the producer."""
+        """End the body after what is buffered, and stop the generator where it waits."""
         self._stopping = True
         self._wake_producer()
         self._ready.set()
-        if self._gevent and self._producer is not None and not self._producer.dead:
-            self._producer.kill(block=False)
+        if self._mode == _PRODUCER:
+            if self._producer is not None and not self._producer.dead:
+                self._producer.kill(block=False)
+        elif self._mode == _INLINE and self._in_gen:
+            # From the hub's next turn, where the server's greenlet is certainly switched out.
+            self._loop.run_callback(self._interrupt)
+
+    def _interrupt(self) -> None:
+        if self._in_gen and not self._interrupted and not self._closed:
+            self._interrupted = True
+            # Raised where the generator waits, as killing a producer greenlet would: its
+            # ``finally`` runs, and __next__ ends the body.
+            self._handler.throw(_greenlet_exit())
 
     def _wake_producer(self) -> None:
         """Wake a producer waiting for buffer space (under gevent only one that ever waited)."""
@@ -366,45 +485,175 @@ class StreamWriter:
         if self._shutdown:
             return
         self._shutdown = True
-        hint = self._encoder.retry_hint(SHUTDOWN_RETRY_MS)
-        if hint:
-            with self._lock:
-                self._buf.append(hint)
-                self._size += len(hint)
+        self._tail += self._encoder.retry_hint(SHUTDOWN_RETRY_MS)
         self._reason = "shutdown"
         self._stop()
 
+    # -- writing (driven by the WSGI server) ----------------------------------------------
+
     def __next__(self) -> bytes:
-        if not self._started:
+        mode = self._mode
+        if mode == _INLINE:
+            return self._next_inline()
+        if mode == _NOT_STARTED:
             self._start()
+            if self._mode == _INLINE:
+                return b""  # the server sends the headers now; the generator starts next call
             self._ready.wait(FIRST_BYTES_WAIT)
-            if not self._buf and not self._done and not self._stopping:
+            if not self._buf and not self._pending and not self._done and not self._stopping:
                 self._last_write = time.monotonic()
                 return self._sent(self._encoder.keepalive)
+        return self._next_buffered()
+
+    def _next_buffered(self) -> bytes:
+        """Producer modes: send whatever the producer buffered, in one write."""
         ready = self._ready
         while True:
             ready.clear()
-            if self._buf:
+            if self._buf or self._pending:
                 with self._lock:
+                    self._seal()
                     buf = self._buf
                     data = buf[0] if len(buf) == 1 else b"".join(buf)
                     buf.clear()
                     self._size = 0
-                    self._check_at = _FIRST_CHECK
                 self._wake_producer()
                 self._last_write = time.monotonic()
                 return self._sent(data)
             if self._done or self._stopping:
-                raise StopIteration
+                return self._end()
             remaining = self._heartbeat - (time.monotonic() - self._last_write)
             if remaining <= 0:
                 self._last_write = time.monotonic()
                 return self._sent(self._encoder.keepalive)
             ready.wait(remaining)
 
+    def _next_inline(self) -> bytes:
+        """Inline mode: run the generator to its next value here, and send that value."""
+        if self._owed:
+            self._pay_owed()
+        if self._done or self._stopping:
+            return self._end()
+        self._switched = False
+        self._in_gen = True
+        # Runs if this greenlet switches out (the generator waits) before the value arrives.
+        mark = self._loop.run_callback(self._mark_switched)
+        try:
+            item = next(self._items)
+        except StopIteration:
+            item = _NOTHING
+        except BaseException as exc:  # noqa: B036 - see _inline_raised
+            if not self._inline_raised(exc):
+                raise
+            item = _NOTHING
+        finally:
+            self._in_gen = False
+            mark.stop()
+        if item is _NOTHING:
+            self._done = True
+            return self._end()
+        if self._stopping:
+            return self._end()
+        if self._switched:
+            self._burst = 0
+        else:
+            self._burst += 1
+            if self._burst >= _BURST:
+                # The generator yields faster than it waits: a producer greenlet takes it over
+                # (from the value just received), and this side coalesces what it buffers.
+                self._stop_heartbeat()
+                self._start_producer(item)
+                return self._next_buffered()
+        try:
+            data = self._encode(item)
+        except Exception as exc:  # noqa: BLE001 - a value orjson cannot encode
+            self._failed(exc)
+            self._done = True
+            return self._end()
+        self._events += 1
+        self._last_write = time.monotonic()
+        return self._sent(data)
+
+    def _inline_raised(self, exc: BaseException) -> bool:
+        """Whether an exception out of the generator ends the stream here (else: re-raise)."""
+        if self._interrupted and isinstance(exc, _greenlet_exit()):
+            return True  # we threw it: the client left or the worker stops
+        if isinstance(exc, Exception):
+            self._failed(exc)
+            return True
+        return False  # GreenletExit from someone else, KeyboardInterrupt, SystemExit
+
+    def _mark_switched(self) -> None:
+        self._switched = True
+
+    def _end(self) -> bytes:
+        tail = self._tail
+        if tail:
+            self._tail = b""
+            return self._sent(tail)
+        raise StopIteration
+
     def _sent(self, data: bytes) -> bytes:
         self._bytes += len(data)
         return data
+
+    # -- inline keep-alives ---------------------------------------------------------------
+
+    def _arm_heartbeat(self, delay: float) -> None:
+        timer = self._loop.timer(max(delay, 0.001))
+        self._timer = timer
+        timer.start(self._on_heartbeat)
+
+    def _stop_heartbeat(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.stop()
+            timer.close()
+
+    def _on_heartbeat(self) -> None:
+        self._stop_heartbeat()
+        if self._closed or self._mode != _INLINE:
+            return
+        if not self._in_gen:
+            # The server's greenlet is writing (a slow client): no keep-alive is needed.
+            self._arm_heartbeat(self._heartbeat)
+            return
+        silent = time.monotonic() - self._last_write
+        if silent >= self._heartbeat or not self._bytes:
+            self._write_keepalive()
+            silent = 0.0
+        self._arm_heartbeat(self._heartbeat - silent)
+
+    def _write_keepalive(self) -> None:
+        """Write a keep-alive (framed as the server frames its writes) without blocking."""
+        frame = self._encoder.keepalive
+        if self._chunked:
+            frame = b"%X\r\n%s\r\n" % (len(frame), frame)
+        sock = self._sock
+        assert sock is not None  # inline mode needs the socket
+        try:
+            sent = os.write(sock.fileno(), frame)  # gevent keeps the descriptor non-blocking
+        except BlockingIOError:
+            return  # the socket's buffer is full: the client has bytes to read
+        except OSError:
+            self._reason = "disconnect"
+            self._stop()
+            return
+        self._bytes += sent
+        self._last_write = time.monotonic()
+        if sent < len(frame):
+            self._owed = frame[sent:]
+
+    def _pay_owed(self) -> None:
+        """Finish a keep-alive frame the socket took only part of, before anything else."""
+        sock = self._sock
+        assert sock is not None
+        owed, self._owed = self._owed, b""
+        sock.sendall(owed)
+        self._bytes += len(owed)
+
+    # -- the end ----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Called by the WSGI server when the response ends or the client is gone."""
@@ -412,19 +661,22 @@ class StreamWriter:
             return
         self._closed = True
         if not self._done and self._reason == "end":
-            # The server closes us before the producer finished: the write failed.
+            # The server closes us before the generator finished: the write failed.
             self._reason = "disconnect"
         self._stopping = True
         self._wake_producer()
         if self._gevent:
+            self._stop_heartbeat()
             if self._producer is not None:
                 self._producer.kill(block=True, timeout=5)
+            elif self._mode in (_INLINE, _NOT_STARTED):
+                _close_iterator(self._items)  # suspended at a yield: its ``finally`` runs
             if self._watcher is not None:
                 self._watcher.stop()
                 self._watcher.close()
         elif self._producer is None:
             _close_iterator(self._items)
-        if self._sock is not None and self._write_timeout is not None:
+        if self._sock is not None and self._write_timeout is not None and self._started:
             try:
                 self._sock.settimeout(self._old_timeout)
             except OSError:
@@ -497,16 +749,28 @@ def stream_response(
         heartbeat = float(config.get("STREAM_HEARTBEAT", 15.0))
     if write_timeout is None:
         write_timeout = config.get("STREAM_WRITE_TIMEOUT", 30.0)
-    encode: Callable[[Any], bytes] = encoder.encode_envelope if envelopes else encoder.encode_value
-    items = stream_with_context(iter(iterable))
+    all_headers = {**STREAM_HEADERS, **(headers or {})}
+    environ = request.environ
+    if environ.get("REQUEST_METHOD") == "HEAD":
+        # Headers only: a HEAD stream would otherwise run its generator for nothing.
+        _close_iterator(iter(iterable))
+        if on_close is not None:
+            on_close("end")
+        return Response(b"", status=status, content_type=format, headers=all_headers)
+    sock = environ.get("gunicorn.socket")
+    chunked = None
+    if sock is not None and not any(k.lower() == "content-length" for k in all_headers):
+        # gunicorn's framing of a body without Content-Length: chunked from HTTP/1.1 on.
+        chunked = environ.get("SERVER_PROTOCOL", "HTTP/1.1") not in ("HTTP/1.0", "HTTP/0.9")
     writer = StreamWriter(
-        items,
-        encode,
+        stream_with_context(iter(iterable)),
         encoder,
+        envelopes=envelopes,
         heartbeat=heartbeat,
         max_chunk=max_chunk,
-        sock=request.environ.get("gunicorn.socket"),
+        sock=sock,
         write_timeout=write_timeout,
+        chunked=chunked,
         name=name or request.path,
         on_close=on_close,
     )
@@ -515,7 +779,7 @@ def stream_response(
         status=status,
         # content_type, not mimetype: Werkzeug would add "; charset=utf-8" to text/event-stream.
         content_type=format,
-        headers={**STREAM_HEADERS, **(headers or {})},
+        headers=all_headers,
         direct_passthrough=True,
     )
     return response

@@ -44,7 +44,14 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
 class Service:
     """One gunicorn master with its workers, started from the repository root."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        app: str = "wsgi:app",
+    ):
+        self.app = app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PORT")}
@@ -57,7 +64,7 @@ class Service:
         """Start gunicorn (bound to 127.0.0.1 only) and wait until /healthz answers."""
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "wsgi:app", "--bind", f"127.0.0.1:{self.port}"],
+            [sys.executable, "-m", "gunicorn", self.app, "--bind", f"127.0.0.1:{self.port}"],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
@@ -128,8 +135,10 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
     """A factory for services a test configures itself (env), stopped at the test's end."""
     started: list[Service] = []
 
-    def start(env: dict[str, str] | None = None, port: int | None = None) -> Service:
-        svc = Service(tmp_path, env, port).start()
+    def start(
+        env: dict[str, str] | None = None, port: int | None = None, app: str = "wsgi:app"
+    ) -> Service:
+        svc = Service(tmp_path, env, port, app).start()
         started.append(svc)
         return svc
 

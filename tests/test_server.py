@@ -200,7 +200,7 @@ def test_shut_down_sends_retry_hint_and_ends() -> None:
         release.wait(5)
 
     enc = encoder_for(SSE)
-    writer = StreamWriter(gen(), enc.encode_value, enc, heartbeat=15)
+    writer = StreamWriter(gen(), enc, heartbeat=15)
     it = iter(writer)
     assert next(it) == b"data: 1\n\n"
     writer.shut_down()
