@@ -63,6 +63,8 @@ _BATCH_FIRST, _BATCH_MAX, _BATCH_BYTES = 8, 64, 16 * 1024
 _BURST = 2
 # how the generator runs (see StreamWriter)
 _NOT_STARTED, _INLINE, _PRODUCER, _THREAD = 0, 1, 2, 3
+#: what ends a generator without being its failure (and greenlet's GreenletExit)
+_NOT_FAILURES = (KeyboardInterrupt, SystemExit, GeneratorExit)
 #: "no value" (None is a JSON value)
 _NOTHING: Any = object()
 #: reconnection time suggested to SSE clients when the server shuts down, in ms
@@ -95,6 +97,11 @@ def _greenlet_exit() -> type[BaseException]:
 
     exit_type: type[BaseException] = GreenletExit
     return exit_type
+
+
+def _is_greenlet_exit(exc: BaseException) -> bool:
+    greenlet = sys.modules.get("greenlet")
+    return greenlet is not None and isinstance(exc, greenlet.GreenletExit)
 
 
 def open_streams() -> int:
@@ -365,7 +372,7 @@ class StreamWriter:
 
     def _failed(self, exc: BaseException) -> None:
         """The generator (or encoding its value) raised: end with the contract's error event."""
-        if self._stopping or not isinstance(exc, Exception):
+        if self._stopping or isinstance(exc, _NOT_FAILURES) or _is_greenlet_exit(exc):
             return
         if isinstance(exc, RemoteError):
             code, message = exc.code, exc.message
@@ -576,12 +583,12 @@ class StreamWriter:
 
     def _inline_raised(self, exc: BaseException) -> bool:
         """Whether an exception out of the generator ends the stream here (else: re-raise)."""
-        if self._interrupted and isinstance(exc, _greenlet_exit()):
-            return True  # we threw it: the client left or the worker stops
-        if isinstance(exc, Exception):
-            self._failed(exc)
-            return True
-        return False  # GreenletExit from someone else, KeyboardInterrupt, SystemExit
+        if _is_greenlet_exit(exc):
+            return self._interrupted  # ours: the client left or the worker stops
+        if isinstance(exc, _NOT_FAILURES):
+            return False
+        self._failed(exc)  # an Exception, or a gevent Timeout the generator let escape
+        return True
 
     def _mark_switched(self) -> None:
         self._switched = True
@@ -630,6 +637,8 @@ class StreamWriter:
         frame = self._encoder.keepalive
         if self._chunked:
             frame = b"%X\r\n%s\r\n" % (len(frame), frame)
+        # What an earlier keep-alive left unwritten goes first, or the framing would break.
+        frame = self._owed + frame
         sock = self._sock
         assert sock is not None  # inline mode needs the socket
         try:
@@ -642,8 +651,7 @@ class StreamWriter:
             return
         self._bytes += sent
         self._last_write = time.monotonic()
-        if sent < len(frame):
-            self._owed = frame[sent:]
+        self._owed = frame[sent:]
 
     def _pay_owed(self) -> None:
         """Finish a keep-alive frame the socket took only part of, before anything else."""

@@ -207,3 +207,36 @@ def test_shut_down_sends_retry_hint_and_ends() -> None:
     assert b"".join(it) == b"retry: 1000\n\n"
     release.set()
     writer.close()
+
+
+def test_keepalive_cut_short_by_the_socket_is_finished_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Inline keep-alives are written without blocking: a frame the socket takes only part of
+    # must be completed before anything else, or the chunked framing would break.
+    import socket
+
+    import stream.server as server
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        writer = StreamWriter(iter([]), encoder_for(SSE), heartbeat=15, sock=ours, chunked=True)
+        real_write = server.os.write
+        monkeypatch.setattr(server.os, "write", lambda fd, data: real_write(fd, data[:3]))
+        writer._write_keepalive()  # 3 of b"2\r\n:\n\r\n"
+
+        def full(fd: int, data: bytes) -> int:
+            raise BlockingIOError
+
+        monkeypatch.setattr(server.os, "write", full)
+        writer._write_keepalive()  # nothing written: still owes the same 4 bytes
+        monkeypatch.setattr(server.os, "write", real_write)
+        writer._write_keepalive()  # the rest of the first frame, then a whole second one
+        writer._write_keepalive()
+        writer.close()
+        theirs.settimeout(5)
+        received = b""
+        while len(received) < 21:
+            received += theirs.recv(100)
+        assert received == b"2\r\n:\n\r\n" * 3

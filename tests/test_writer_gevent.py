@@ -177,3 +177,15 @@ def test_dropping_many_blocked_streams_runs_every_finally(
         sock.close()
     wait_for(lambda: finished(app_service, "blocked") == before + 50, timeout=10)
     wait_for(lambda: requests.get(app_service.url + "/healthz").json()["open_streams"] == 0)
+
+
+@pytest.mark.parametrize("wait", ["0", "0.2"])
+def test_a_timeout_escaping_the_generator_is_its_error_event(
+    app_service: Service, wait: str
+) -> None:
+    resp = requests.get(app_service.url + f"/escape?wait={wait}", timeout=10)
+    values = [orjson.loads(line) for line in resp.content.split(b"\n") if line]
+    assert values == [
+        {"first": True},
+        {"error": {"code": "internal_error", "message": "the stream failed on the server"}},
+    ]

@@ -71,3 +71,18 @@ def blocked() -> Response:
             finished["blocked"] = finished.get("blocked", 0) + 1
 
     return stream_response(gen(), name="blocked")
+
+
+@app.get("/escape")
+def escape() -> Response:
+    """A gevent Timeout (a BaseException) escapes the generator after its first event."""
+    wait = float(request.args.get("wait", "0"))
+
+    def gen() -> Iterator[dict[str, Any]]:
+        import gevent
+
+        yield {"first": True}
+        with gevent.Timeout(wait or 0.001):
+            time.sleep(1)  # the Timeout is raised here, in the generator, and not caught
+
+    return stream_response(gen(), name="escape")
