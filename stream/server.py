@@ -8,7 +8,8 @@ generator (``stream_with_context``), and hands WSGI a writer object instead of t
   no added delay), and an open stream that mostly waits costs one greenlet. Once it yields
   values back to back (``_BURST`` in a row without waiting) it is handed to a *producer*
   greenlet that fills a bounded buffer (``max_chunk`` bytes; it waits while the buffer is full)
-  while the serving greenlet sends whatever is buffered in one write. The producer keeps the
+  while the serving greenlet sends whatever is buffered in one write (and hands the generator
+  back, between two values, once they come one at a time again). The producer keeps the
   bare orjson documents of a few dozen values and frames them in one join; an event that is
   not followed at once by another still goes out at once (the writer wakes on the first event
   of an empty buffer and only ever takes what is already there). Without gevent (Flask's
@@ -61,6 +62,9 @@ FIRST_BYTES_WAIT = 0.005
 _BATCH_FIRST, _BATCH_MAX, _BATCH_BYTES = 8, 64, 16 * 1024
 #: events in a row yielded without waiting after which an inline stream gets a producer
 _BURST = 2
+#: drains in a row of one event the writer had to wait for, after which the producer hands an
+#: inline-capable generator back to the serving greenlet
+_SLOW_DRAINS = 3
 # how the generator runs (see StreamWriter)
 _NOT_STARTED, _INLINE, _PRODUCER, _THREAD = 0, 1, 2, 3
 #: what ends a generator without being its failure (and greenlet's GreenletExit)
@@ -139,7 +143,7 @@ def _close_iterator(items: Iterator[Any]) -> None:
 class StreamWriter:
     """The WSGI iterable of a stream: runs the generator, encodes, coalesces, keeps alive.
 
-    Three ways to run the generator, chosen when the server first asks for bytes:
+    Three ways to run the generator (gevent streams move between the first two as they go):
 
     - *inline* (gunicorn + gevent): in the server's own greenlet, one event per write, while
       the generator waits between events (what most streams do). A libev timer writes the
@@ -147,7 +151,9 @@ class StreamWriter:
       sees the client leave; neither needs a greenlet, so an open stream costs one greenlet;
     - *producer* (gevent): once the generator yields ``_BURST`` events in a row without waiting,
       it moves to a producer greenlet of its own that fills a bounded buffer, and this side
-      sends whatever is buffered in one write (the coalescing path of fast streams);
+      sends whatever is buffered in one write (the coalescing path of fast streams); after
+      ``_SLOW_DRAINS`` writes of one event each that this side waited for, the producer gives
+      the generator back (between two values) and ends;
     - *thread* (no gevent: Flask's development server, test clients): a producer thread.
     """
 
@@ -195,6 +201,9 @@ class StreamWriter:
         "_switched",
         "_burst",
         "_interrupted",
+        "_slow_drains",
+        "_handback",
+        "_drained",
         "_old_timeout",
         "__weakref__",
     )
@@ -268,6 +277,9 @@ class StreamWriter:
         self._switched = False  # inline: the generator waited while producing this event
         self._burst = 0  # inline: events in a row the generator yielded without waiting
         self._interrupted = False  # inline: we threw GreenletExit into the generator
+        self._slow_drains = 0  # producer: drains in a row of one event the writer waited for
+        self._handback = False  # producer: return the generator to the serving greenlet
+        self._drained = 0  # producer: events counted at the last drain
         self._old_timeout: float | None = None
         _open_streams.add(self)
         metrics.OPEN_STREAMS.inc()
@@ -285,6 +297,7 @@ class StreamWriter:
         append = pending.append
         dumps = self._dumps
         ready = self._ready
+        handed_back = False
         try:
             if first is not _NOTHING:
                 append(dumps(first))
@@ -294,6 +307,12 @@ class StreamWriter:
                 n = len(pending)
                 if n == 1:
                     ready.set()
+                    if self._handback:
+                        # Slow again: between two values, the generator goes back to the
+                        # serving greenlet (inline), and this greenlet ends.
+                        handed_back = True
+                        self._hand_back()
+                        return
                 elif n >= self._batch:
                     self._seal()
                     if self._size >= self._max_chunk:
@@ -302,7 +321,16 @@ class StreamWriter:
         except BaseException as exc:  # noqa: B036 - GreenletExit is how a departed client stops us
             self._finish(exc)
         finally:
-            _close_iterator(self._items)
+            if not handed_back:
+                _close_iterator(self._items)
+
+    def _hand_back(self) -> None:
+        self._handback = False
+        self._slow_drains = 0
+        self._burst = 0
+        self._producer = None
+        self._mode = _INLINE
+        self._arm_heartbeat(self._heartbeat)
 
     def _seal(self) -> None:
         """Frame the producer's batch of documents into one chunk of the buffer."""
@@ -515,6 +543,7 @@ class StreamWriter:
     def _next_buffered(self) -> bytes:
         """Producer modes: send whatever the producer buffered, in one write."""
         ready = self._ready
+        waited = False
         while True:
             ready.clear()
             if self._buf or self._pending:
@@ -525,15 +554,32 @@ class StreamWriter:
                     buf.clear()
                     self._size = 0
                 self._wake_producer()
+                if self._handler is not None:
+                    self._check_pace(waited)
                 self._last_write = time.monotonic()
                 return self._sent(data)
+            if self._mode == _INLINE:
+                return self._next_inline()  # handed back (its last value already went out)
             if self._done or self._stopping:
                 return self._end()
             remaining = self._heartbeat - (time.monotonic() - self._last_write)
             if remaining <= 0:
                 self._last_write = time.monotonic()
                 return self._sent(self._encoder.keepalive)
+            waited = True
             ready.wait(remaining)
+
+    def _check_pace(self, waited: bool) -> None:
+        """Ask the producer to hand the generator back once it is slow again (one event per
+        drain, and the writer waited for each): an open stream then costs one greenlet again."""
+        events = self._events
+        if waited and events - self._drained == 1 and self._mode == _PRODUCER:
+            self._slow_drains += 1
+            if self._slow_drains >= _SLOW_DRAINS:
+                self._handback = True
+        else:
+            self._slow_drains = 0
+        self._drained = events
 
     def _next_inline(self) -> bytes:
         """Inline mode: run the generator to its next value here, and send that value."""

@@ -111,6 +111,31 @@ def test_an_event_goes_out_before_the_next_is_produced(app_service: Service, spe
         assert arrived < float(following["t"])  # type: ignore[arg-type]
 
 
+def test_a_generator_slow_again_after_a_burst_costs_one_greenlet_again(
+    app_service: Service,
+) -> None:
+    # A burst (say, a resume replaying history) moves the generator to a producer greenlet;
+    # once its events come one at a time again, it goes back to the serving greenlet.
+    def alive() -> int:
+        return int(requests.get(app_service.url + "/greenlets", timeout=5).json()["alive"])
+
+    wait_for(lambda: requests.get(app_service.url + "/healthz").json()["open_streams"] == 0)
+    base = alive()
+    before = finished(app_service, "pattern")
+    values: list[dict[str, object]] = []
+    with requests.get(
+        app_service.url + "/pattern?spec=b200,w60&wait=0.1&tag=back", stream=True, timeout=10
+    ) as resp:
+        reader = resp.iter_lines()  # fine here: a test of the server, a few lines a second
+        values += [orjson.loads(next(reader)) for _ in range(210)]
+        assert values[-1]["seq"] == 209
+        wait_for(lambda: alive() == base + 1, timeout=4)  # the serving greenlet alone
+        values += [orjson.loads(line) for line in reader if line]
+    assert [v["seq"] for v in values] == list(range(260))
+    assert {v["tag"] for v in values} == {"back"}
+    wait_for(lambda: finished(app_service, "pattern") == before + 1, timeout=5)
+
+
 def test_http11_keepalives_are_whole_chunks(app_service: Service) -> None:
     # Keep-alives written while the generator waits go straight to the socket: they must be
     # framed as gunicorn frames its own writes (chunked for HTTP/1.1).

@@ -28,6 +28,17 @@ def healthz() -> dict[str, Any]:
     return {"status": "ok", "open_streams": open_streams()}
 
 
+@app.get("/greenlets")
+def greenlets() -> dict[str, int]:
+    """Greenlets alive in this worker (one per open inline stream, two with a producer)."""
+    import gc
+
+    from greenlet import greenlet
+
+    alive = sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead)
+    return {"alive": alive}
+
+
 @app.get("/finished")
 def finished_count() -> dict[str, int]:
     return finished
