@@ -810,7 +810,8 @@ def stream_response(
         _close_iterator(iter(iterable))
         if on_close is not None:
             on_close("end")
-        return Response(b"", status=status, content_type=format, headers=all_headers)
+        # An empty iterator, not b"": no Content-Length (a stream never has one).
+        return Response(iter(()), status=status, content_type=format, headers=all_headers)
     sock = environ.get("gunicorn.socket")
     chunked = None
     if sock is not None and not any(k.lower() == "content-length" for k in all_headers):

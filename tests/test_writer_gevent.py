@@ -173,6 +173,8 @@ def test_head_sends_headers_and_runs_no_stream(app_service: Service) -> None:
     resp = requests.head(app_service.url + "/blocked?format=sse", timeout=5)
     assert resp.status_code == 200
     assert resp.headers["Content-Type"] == "text/event-stream"
+    assert resp.headers["Cache-Control"] == "no-cache, no-transform"
+    assert "Content-Length" not in resp.headers
     assert resp.content == b""
     assert requests.get(app_service.url + "/healthz", timeout=5).json()["open_streams"] == 0
 
