@@ -297,6 +297,7 @@ class StreamWriter:
         append = pending.append
         dumps = self._dumps
         ready = self._ready
+        batch = self._batch
         handed_back = False
         try:
             if first is not _NOTHING:
@@ -313,8 +314,9 @@ class StreamWriter:
                         handed_back = True
                         self._hand_back()
                         return
-                elif n >= self._batch:
+                elif n >= batch:
                     self._seal()
+                    batch = self._batch
                     if self._size >= self._max_chunk:
                         self._wait_for_space()
             self._finish(None)
