@@ -111,7 +111,11 @@ def post_worker_init(worker):
     """
     import gevent
 
-    from stream.server import shutdown_streams
+    from stream.server import inline_keepalives, shutdown_streams
+
+    if getattr(worker.cfg, "protocol", "http") != "http":
+        # uwsgi: bodies are not HTTP-chunked, so streams must not frame keep-alives themselves.
+        inline_keepalives(False)
 
     def watch():
         while worker.alive:

@@ -87,6 +87,8 @@ _NO_LOCK: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 _open_streams: set[StreamWriter] = set()
 _shutdown_callbacks: list[Callable[[], None]] = []
 _shutting_down = False
+#: whether gunicorn frames bodies as HTTP (see inline_keepalives)
+_http_framing = True
 
 
 def _gevent_active() -> bool:
@@ -111,6 +113,17 @@ def _is_greenlet_exit(exc: BaseException) -> bool:
 def open_streams() -> int:
     """How many streams this process is serving now."""
     return len(_open_streams)
+
+
+def inline_keepalives(enabled: bool) -> None:
+    """Whether inline streams may write keep-alives to gunicorn's socket themselves.
+
+    They frame them as gunicorn frames an HTTP body (chunked from HTTP/1.1 on). Under
+    gunicorn's ``--protocol uwsgi`` bodies are not HTTP-framed: gunicorn.conf.py turns this off
+    then, and every stream uses a producer greenlet (whose keep-alives gunicorn writes).
+    """
+    global _http_framing
+    _http_framing = enabled
 
 
 def on_shutdown(callback: Callable[[], None]) -> None:
@@ -816,7 +829,11 @@ def stream_response(
         return Response(iter(()), status=status, content_type=format, headers=all_headers)
     sock = environ.get("gunicorn.socket")
     chunked = None
-    if sock is not None and not any(k.lower() == "content-length" for k in all_headers):
+    if (
+        sock is not None
+        and _http_framing
+        and not any(k.lower() == "content-length" for k in all_headers)
+    ):
         # gunicorn's framing of a body without Content-Length: chunked from HTTP/1.1 on.
         chunked = environ.get("SERVER_PROTOCOL", "HTTP/1.1") not in ("HTTP/1.0", "HTTP/0.9")
     writer = StreamWriter(
@@ -846,6 +863,7 @@ __all__ = [
     "Envelope",
     "StreamWriter",
     "error_response",
+    "inline_keepalives",
     "on_shutdown",
     "open_streams",
     "shutdown_streams",

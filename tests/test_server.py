@@ -240,3 +240,33 @@ def test_keepalive_cut_short_by_the_socket_is_finished_first(
         while len(received) < 21:
             received += theirs.recv(100)
         assert received == b"2\r\n:\n\r\n" * 3
+
+
+@pytest.mark.parametrize(
+    ("environ", "http_framing", "chunked"),
+    [
+        pytest.param({"SERVER_PROTOCOL": "HTTP/1.1"}, True, True, id="http11-chunked"),
+        pytest.param({"SERVER_PROTOCOL": "HTTP/1.0"}, True, False, id="http10-raw"),
+        pytest.param({"SERVER_PROTOCOL": "HTTP/1.1"}, False, None, id="uwsgi-no-inline"),
+    ],
+)
+def test_inline_framing_follows_gunicorn(
+    monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], http_framing: bool, chunked: bool
+) -> None:
+    # Inline keep-alives are framed as gunicorn frames the body, and not written at all when
+    # gunicorn does not speak HTTP (its uwsgi protocol).
+    import socket
+
+    import stream.server as server
+
+    monkeypatch.setattr(server, "_http_framing", True)  # restored after the test
+    server.inline_keepalives(http_framing)
+    app = make_app(lambda: iter([1]))
+    with (
+        socket.socket() as sock,
+        app.test_request_context("/s", environ_overrides={"gunicorn.socket": sock, **environ}),
+    ):
+        writer = stream_response(iter([1])).response
+        assert isinstance(writer, StreamWriter)
+        assert writer._chunked is chunked
+        writer.close()
