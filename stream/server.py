@@ -97,14 +97,6 @@ def _gevent_active() -> bool:
     return monkey is not None and bool(monkey.is_module_patched("socket"))
 
 
-def _greenlet_exit() -> type[BaseException]:
-    """greenlet's GreenletExit (imported late: threads-only processes need no greenlet)."""
-    from greenlet import GreenletExit
-
-    exit_type: type[BaseException] = GreenletExit
-    return exit_type
-
-
 def _is_greenlet_exit(exc: BaseException) -> bool:
     greenlet = sys.modules.get("greenlet")
     return greenlet is not None and isinstance(exc, greenlet.GreenletExit)
@@ -199,7 +191,6 @@ class StreamWriter:
         "_done",
         "_stopping",
         "_reason",
-        "_started",
         "_closed",
         "_shutdown",
         "_last_write",
@@ -276,7 +267,6 @@ class StreamWriter:
         self._done = False  # the generator has finished (normally, with an error, or killed)
         self._stopping = False  # end the body after what is buffered
         self._reason = "end"
-        self._started = False
         self._closed = False
         self._shutdown = False
         self._last_write = 0.0
@@ -431,7 +421,6 @@ class StreamWriter:
         return self
 
     def _start(self) -> None:
-        self._started = True
         self._last_write = time.monotonic()
         if self._gevent:
             import gevent
@@ -522,7 +511,9 @@ class StreamWriter:
             self._interrupted = True
             # Raised where the generator waits, as killing a producer greenlet would: its
             # ``finally`` runs, and __next__ ends the body.
-            self._handler.throw(_greenlet_exit())
+            from greenlet import GreenletExit
+
+            self._handler.throw(GreenletExit())
 
     def _wake_producer(self) -> None:
         """Wake a producer waiting for buffer space (under gevent only one that ever waited)."""
@@ -745,7 +736,8 @@ class StreamWriter:
                 self._watcher.close()
         elif self._producer is None:
             _close_iterator(self._items)
-        if self._sock is not None and self._write_timeout is not None and self._started:
+        started = self._mode != _NOT_STARTED
+        if started and self._sock is not None and self._write_timeout is not None:
             try:
                 self._sock.settimeout(self._old_timeout)
             except OSError:

@@ -29,6 +29,10 @@ def finished(svc: Service, name: str) -> int:
     return int(requests.get(svc.url + "/finished", timeout=5).json().get(name, 0))
 
 
+def open_streams(svc: Service) -> int:
+    return int(requests.get(svc.url + "/healthz", timeout=5).json()["open_streams"])
+
+
 def timed_lines(svc: Service, path: str) -> list[tuple[float, dict[str, object]]]:
     """Each NDJSON value of ``path`` with the client's time.time() when its bytes arrived."""
     out: list[tuple[float, dict[str, object]]] = []
@@ -119,7 +123,7 @@ def test_a_generator_slow_again_after_a_burst_costs_one_greenlet_again(
     def alive() -> int:
         return int(requests.get(app_service.url + "/greenlets", timeout=5).json()["alive"])
 
-    wait_for(lambda: requests.get(app_service.url + "/healthz").json()["open_streams"] == 0)
+    wait_for(lambda: open_streams(app_service) == 0)
     base = alive()
     before = finished(app_service, "pattern")
     values: list[dict[str, object]] = []
@@ -166,7 +170,7 @@ def test_http10_keepalives_are_unframed_and_leaving_runs_finally(app_service: Se
     assert len(keepalives) >= 2 and keepalives.strip(b"\n") == b""
     # The client left while the generator waited: it is interrupted there, its finally runs.
     wait_for(lambda: finished(app_service, "blocked") == before + 1, timeout=5)
-    wait_for(lambda: requests.get(app_service.url + "/healthz").json()["open_streams"] == 0)
+    wait_for(lambda: open_streams(app_service) == 0)
 
 
 def test_head_sends_headers_and_runs_no_stream(app_service: Service) -> None:
@@ -176,7 +180,7 @@ def test_head_sends_headers_and_runs_no_stream(app_service: Service) -> None:
     assert resp.headers["Cache-Control"] == "no-cache, no-transform"
     assert "Content-Length" not in resp.headers
     assert resp.content == b""
-    assert requests.get(app_service.url + "/healthz", timeout=5).json()["open_streams"] == 0
+    assert open_streams(app_service) == 0
 
 
 @pytest.fixture
@@ -199,11 +203,11 @@ def test_dropping_many_blocked_streams_runs_every_finally(
 ) -> None:
     before = finished(app_service, "blocked")
     socks = many(50)
-    wait_for(lambda: requests.get(app_service.url + "/healthz").json()["open_streams"] == 50)
+    wait_for(lambda: open_streams(app_service) == 50)
     for sock in socks:
         sock.close()
     wait_for(lambda: finished(app_service, "blocked") == before + 50, timeout=10)
-    wait_for(lambda: requests.get(app_service.url + "/healthz").json()["open_streams"] == 0)
+    wait_for(lambda: open_streams(app_service) == 0)
 
 
 @pytest.mark.parametrize("wait", ["0", "0.2"])
