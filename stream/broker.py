@@ -3,19 +3,31 @@
 Jobs and channels are logs. Publishing appends ``(event type, JSON bytes)`` items and returns
 their ids; subscribing replays what the caller has not seen yet (everything, or everything after
 a ``Last-Event-ID``) and then follows the live tail, with no gap and no duplicate between the
-two. Each subscriber has its own bounded queue: a reader that falls ``queue_size`` entries
-behind is cut off (``SlowConsumer``) instead of slowing the publisher or the other readers.
+two. A publish is all or nothing: its entries are appended together or not at all, and every
+live subscriber receives all of them, in one batch, whatever their number (or a ``reset``, on
+Redis, when the per-worker reader fell behind the trim; see ``stream.redis_broker``).
+
+Each subscriber has its own bounded queue: a reader that falls ``queue_size`` entries behind is
+cut off (``SlowConsumer``) instead of slowing the publisher or the other readers. "Behind"
+does not count the largest publish it has pending, so a reader that keeps up accepts a publish
+larger than its queue whole; its memory stays below ``queue_size`` entries plus one publish.
 
 Ids are Redis's own form ``"<ms>-<seq>"`` for both brokers, so they are totally ordered
 (``parse_id`` gives the tuple to compare) and an id survives a switch between brokers.
 
-Retention is bounded (``max_len`` entries and ``max_age`` seconds per key). A subscriber whose
+Retention is bounded (``max_len`` entries and ``max_age`` seconds per key; in process also
+``max_bytes`` across all keys, oldest entries first, whatever their key). A subscriber whose
 ``last_id`` lies before what is retained gets, first, a ``reset`` envelope::
 
     Envelope(id=last_id, event="reset",
              data=b'{"last_event_id": "<last_id>", "first_retained_id": "<id>" | null}')
 
-and then the retained entries. Deliberate choices, so nobody "fixes" them:
+and then the retained entries. A ``last_id`` ahead of the log (greater than any id the key
+ever had: an id from a primary that was lost in a failover, or from a clock that went back)
+gets a ``reset`` with ``first_retained_id`` null and then the live tail, every new entry
+included even though its id is smaller than ``last_id``. Nothing of the log is replayed there:
+the caller's position is unknown, so neither a replay nor a silent wait would be right.
+Deliberate choices, so nobody "fixes" them:
 
 - ``from_start`` replays the retained log without a ``reset`` even when its oldest entries were
   trimmed: the caller asked for "whatever there is", not for a position.
@@ -36,8 +48,9 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any, Protocol
 
 import orjson
@@ -64,6 +77,11 @@ _MAX_PART = 2**64 - 1
 _ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 #: How often the in-process broker sweeps every key for age trimming and expiry (seconds).
 _SWEEP_INTERVAL = 1.0
+#: What the in-process broker may retain across all its logs by default (bytes).
+DEFAULT_MAX_BYTES = 256 * 2**20
+#: Python's cost of one retained entry beyond its data: the id tuple and string, the
+#: envelope, the deque slot (measured on CPython 3.11: about 300 bytes).
+_ENTRY_OVERHEAD = 320
 
 
 class BrokerUnavailable(Exception):
@@ -78,7 +96,11 @@ class Subscription(Protocol):
     """One subscriber's view of a log: a replay batch, then the live tail."""
 
     def get(self, timeout: float) -> list[Envelope]:
-        """Every entry queued so far in id order; ``[]`` after ``timeout`` s of nothing."""
+        """Every entry queued so far in id order; ``[]`` after ``timeout`` s of nothing.
+
+        The list may be shared with other subscribers of the same publish: read it, do not
+        modify it.
+        """
         ...
 
     def close(self) -> None:
@@ -118,7 +140,7 @@ class Broker(Protocol):
         ...
 
     def healthy(self) -> bool:
-        """Whether the backend is reachable."""
+        """Whether the backend is reachable and accepts writes (cheap: ``/healthz`` polls it)."""
         ...
 
     def close(self) -> None:
@@ -158,12 +180,21 @@ class LocalSubscription:
     """A subscriber's bounded queue in this process (shared by both brokers' fan-out).
 
     The broker appends live batches with ``push`` while holding its fan-out lock; ``get`` is
-    called by the one greenlet or thread that serves this subscriber.
+    called by the one greenlet or thread that serves this subscriber. The queue holds whole
+    batches (one per publish), so a publish of any size costs each subscriber one append.
+
+    Overflow counts what the reader fell behind by, not the size of a publish: it is cut off
+    when the entries it has not taken yet, apart from its largest pending batch, exceed
+    ``limit``. A reader that keeps up (an empty queue) therefore accepts any single publish
+    whole, and its memory stays below ``limit`` plus one publish.
     """
 
     __slots__ = (
         "key",
-        "_queue",
+        "_lock",
+        "_batches",
+        "_pending",
+        "_largest",
         "_replay",
         "_event",
         "_waiting",
@@ -183,7 +214,12 @@ class LocalSubscription:
         last: IdTuple | None = None,
     ) -> None:
         self.key = key
-        self._queue: deque[Envelope] = deque()
+        # Guards the queue between the publisher (or Redis reader) and this subscriber's
+        # reader; never held while taking the broker's lock, so it cannot deadlock with it.
+        self._lock = threading.Lock()
+        self._batches: list[list[Envelope]] = []
+        self._pending = 0
+        self._largest = 0
         self._replay: list[Envelope] | None = None
         self._event = threading.Event()
         self._waiting = False
@@ -195,82 +231,107 @@ class LocalSubscription:
         self._last = last
         self._on_close = on_close
 
-    def push(self, batch: list[Envelope], first: IdTuple, last: IdTuple) -> bool:
-        """Queue a live batch in id order (fan-out lock held); ``False`` if this overflowed."""
-        if self._last is not None and first <= self._last:
-            if last <= self._last:
-                return True
-            floor = self._last
-            batch = [entry for entry in batch if _id_key(entry.id) > floor]
-        self._last = last
-        self._queue.extend(batch)
-        if len(self._queue) > self._limit:
-            self._overflowed = True
-            self._event.set()
-            return False
-        if self._waiting:
-            self._event.set()
-        return True
+    def push(
+        self, batch: list[Envelope], first: IdTuple, last: IdTuple, gap_after: str | None = None
+    ) -> bool:
+        """Queue a live batch in id order (fan-out lock held); ``False`` if this overflowed.
+
+        ``gap_after`` says that entries after that id and before ``first`` were lost before
+        they could be fanned out: a subscriber that has not seen past them gets a ``reset``
+        ahead of the batch instead of a silent gap.
+        """
+        with self._lock:
+            if self._closed or self._overflowed:
+                return not self._overflowed
+            previous = self._last
+            if previous is not None and first <= previous:
+                if last <= previous:
+                    return True
+                batch = [entry for entry in batch if _id_key(entry.id) > previous]
+            elif gap_after is not None:
+                mark = format_id(previous) if previous is not None else gap_after
+                batch = [reset_envelope(mark, batch[0].id), *batch]
+            self._last = last
+            self._batches.append(batch)
+            self._pending += len(batch)
+            self._largest = max(self._largest, len(batch))
+            if self._pending - self._largest > self._limit:
+                self._overflowed = True
+                self._batches.clear()
+                self._event.set()
+                return False
+            if self._waiting:
+                self._event.set()
+            return True
 
     def get(self, timeout: float) -> list[Envelope]:
         """Every entry queued so far, in id order; ``[]`` after ``timeout`` s of nothing."""
-        if not (self._queue or self._replay or self._overflowed or self._closed):
-            self._event.clear()
-            self._waiting = True
+        with self._lock:
+            idle = not (self._batches or self._replay or self._overflowed or self._closed)
+            if idle:
+                self._event.clear()
+                self._waiting = True
+        if idle:
             try:
-                # Re-check after announcing we wait: a push in between saw _waiting False.
-                if not self._queue:
-                    self._event.wait(max(timeout, 0.0))
+                self._event.wait(max(timeout, 0.0))
             finally:
                 self._waiting = False
-        if self._overflowed:
-            self._queue.clear()
+        with self._lock:
+            if self._overflowed:
+                self._replay = None
+                raise SlowConsumer(
+                    f"subscriber of {self.key!r} fell more than {self._limit} entries behind"
+                )
+            if self._closed:
+                if self._broker_closed:
+                    raise BrokerUnavailable("the broker was closed")
+                return []
+            batches = self._batches
+            self._batches = []
+            self._pending = self._largest = 0
+            out = self._replay
             self._replay = None
-            raise SlowConsumer(
-                f"subscriber of {self.key!r} fell more than {self._limit} entries behind"
-            )
-        if self._closed:
-            if self._broker_closed:
-                raise BrokerUnavailable("the broker was closed")
-            return []
-        out = self._replay or []
-        self._replay = None
-        queue = self._queue
-        try:
-            for _ in range(len(queue)):
-                out.append(queue.popleft())
-        except IndexError:  # closed by another thread meanwhile
-            pass
+        if out is None:
+            if len(batches) == 1:
+                return batches[0]
+            out = []
+        for batch in batches:
+            out += batch
         return out
 
     def close(self) -> None:
         """Leave the fan-out and drop the queue; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._batches = []
+            self._replay = None
         self._on_close(self)
-        self._queue.clear()
-        self._replay = None
         self._event.set()
 
     def abort(self) -> None:
         """End this subscription because the broker closed (fan-out lock held)."""
-        self._closed = True
-        self._broker_closed = True
-        self._queue.clear()
-        self._replay = None
+        with self._lock:
+            self._closed = True
+            self._broker_closed = True
+            self._batches = []
+            self._replay = None
         self._event.set()
 
     def start(self, replay: list[Envelope], floor: IdTuple | None) -> None:
         """Set the replay batch and drop queued live entries at or below ``floor`` (lock held)."""
-        if floor is not None:
-            if self._queue and _id_key(self._queue[0].id) <= floor:
-                kept = [entry for entry in self._queue if _id_key(entry.id) > floor]
-                self._queue.clear()
-                self._queue.extend(kept)
-            if self._last is None or floor > self._last:
-                self._last = floor
-        self._replay = replay or None
+        with self._lock:
+            if floor is not None:
+                if self._batches:
+                    kept = [entry for entry in chain(*self._batches) if _after(entry, floor)]
+                    self._batches = [kept] if kept else []
+                    self._pending = self._largest = len(kept)
+                if self._last is None or floor > self._last:
+                    self._last = floor
+            self._replay = replay or None
+            if self._waiting:
+                self._event.set()
 
     @property
     def closed(self) -> bool:
@@ -278,16 +339,39 @@ class LocalSubscription:
         return self._closed
 
 
+def _after(entry: Envelope, floor: IdTuple) -> bool:
+    """Whether a queued entry is still news for a subscriber whose history reached ``floor``."""
+    if entry.event == "reset":
+        # A gap reset is about the entries before its first_retained_id: still news unless
+        # the history already reached that far.
+        first = orjson.loads(entry.data).get("first_retained_id")
+        return first is not None and _id_key(first) > floor
+    return _id_key(entry.id) > floor
+
+
 class _Log:
     """One key in the in-process broker: its entries, subscribers, metadata and expiry."""
 
-    __slots__ = ("entries", "subscribers", "trimmed", "exists", "meta", "deadline")
+    __slots__ = (
+        "entries",
+        "batches",
+        "subscribers",
+        "trimmed",
+        "last",
+        "exists",
+        "meta",
+        "deadline",
+    )
 
     def __init__(self) -> None:
         self.entries: deque[tuple[IdTuple, Envelope]] = deque()
+        #: (token, newest id) of each publish that still has entries here, oldest first
+        self.batches: deque[tuple[int, IdTuple]] = deque()
         self.subscribers: dict[LocalSubscription, None] = {}
         #: newest id trimmed from this log (a resume from before it gets a reset)
         self.trimmed: IdTuple | None = None
+        #: newest id ever appended (a resume from after it is ahead of the log: a reset)
+        self.last: IdTuple | None = None
         #: whether anything was ever published since the key was created or expired
         self.exists = False
         self.meta: bytes | None = None
@@ -303,14 +387,28 @@ class MemoryBroker:
     kind = "memory"
 
     def __init__(
-        self, *, max_len: int = 10_000, max_age: float = 3600.0, queue_size: int = 10_000
+        self,
+        *,
+        max_len: int = 10_000,
+        max_age: float = 3600.0,
+        queue_size: int = 10_000,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         _check_limits(max_len, max_age, queue_size)
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         self.max_len = max_len
         self.max_age = max_age
         self.queue_size = queue_size
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._logs: dict[str, _Log] = {}
+        #: what every log holds, by the estimate of ``_entry_size``
+        self._bytes = 0
+        #: every publish that still has entries in some log, oldest first: where the byte
+        #: bound evicts from (ids grow across keys, so this is also the order of the ids)
+        self._batches: OrderedDict[int, _Log] = OrderedDict()
+        self._token = 0
         now_ms = int(time.time() * 1000)
         #: ids below this may have been issued by a previous process: resuming from them resets
         self._start: IdTuple = (now_ms, 0)
@@ -343,7 +441,13 @@ class MemoryBroker:
             entries = log.entries
             entries.extend(((ms, seq + i), entry) for i, entry in enumerate(batch))
             log.exists = True
+            log.last = last
+            token = self._token = self._token + 1
+            self._batches[token] = log
+            log.batches.append((token, last))
+            self._bytes += sum(len(data) for _, data in items) + _ENTRY_OVERHEAD * len(batch)
             self._trim(log, now)
+            self._evict()
             if log.subscribers:
                 dropped = [sub for sub in log.subscribers if not sub.push(batch, first, last)]
                 for sub in dropped:
@@ -355,12 +459,30 @@ class MemoryBroker:
         entries = log.entries
         trimmed = None
         while len(entries) > self.max_len:
-            trimmed = entries.popleft()[0]
+            trimmed = self._pop_oldest(log)
         cutoff = int((now - self.max_age) * 1000)
         while entries and entries[0][0][0] < cutoff:
-            trimmed = entries.popleft()[0]
+            trimmed = self._pop_oldest(log)
         if trimmed is not None:
             log.trimmed = trimmed
+
+    def _pop_oldest(self, log: _Log) -> IdTuple:
+        """Remove the oldest entry of ``log`` and account for it; returns its id."""
+        entry_id, entry = log.entries.popleft()
+        self._bytes -= len(entry.data) + _ENTRY_OVERHEAD
+        batches = log.batches
+        while batches and batches[0][1] <= entry_id:  # that publish has nothing left here
+            del self._batches[batches.popleft()[0]]
+        return entry_id
+
+    def _evict(self) -> None:
+        """Above ``max_bytes``, drop the oldest entries of all logs, whatever their key."""
+        while self._bytes > self.max_bytes and self._batches:
+            log = next(iter(self._batches.values()))
+            if log.entries:
+                log.trimmed = self._pop_oldest(log)
+            else:  # defensive: a batch record must never outlive its entries
+                self._batches.popitem(last=False)
 
     def _log(self, key: str, now: float, *, create: bool) -> _Log | None:
         """The live log of ``key`` (expiring it first if due); created on demand."""
@@ -374,8 +496,10 @@ class MemoryBroker:
 
     def _drop(self, key: str, log: _Log) -> None:
         """Forget the log and meta of ``key``; its subscribers stay and see a missing key."""
-        log.entries.clear()
+        while log.entries:
+            self._pop_oldest(log)
         log.trimmed = None
+        log.last = None
         log.exists = False
         log.meta = None
         log.deadline = None
@@ -425,6 +549,10 @@ class MemoryBroker:
                     replay.append(
                         reset_envelope(str(last_id), entries[0][1].id if entries else None)
                     )
+                elif log.last is not None and after > log.last:
+                    # Ahead of the log (an id from a lost primary, a clock that went back):
+                    # say so; every new entry follows even though its id is smaller.
+                    replay.append(reset_envelope(str(last_id), None))
                 # Resumes are usually near the tail: walk back from the newest entry.
                 tail: list[Envelope] = []
                 for entry_id, entry in reversed(entries):
@@ -519,10 +647,17 @@ def create_broker(
     max_len: int = 10_000,
     max_age: float = 3600.0,
     queue_size: int = 10_000,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Broker:
-    """The in-process broker when ``redis_url`` is ``None``, else the Redis Streams one."""
+    """The in-process broker when ``redis_url`` is ``None``, else the Redis Streams one.
+
+    ``max_bytes`` bounds the in-process broker's memory across all logs; on Redis the
+    server's own ``maxmemory`` does (a full Redis makes publishes ``BrokerUnavailable``).
+    """
     if redis_url is None:
-        return MemoryBroker(max_len=max_len, max_age=max_age, queue_size=queue_size)
+        return MemoryBroker(
+            max_len=max_len, max_age=max_age, queue_size=queue_size, max_bytes=max_bytes
+        )
     from stream.redis_broker import RedisBroker  # imports redis: only when asked for
 
     return RedisBroker(redis_url, max_len=max_len, max_age=max_age, queue_size=queue_size)
