@@ -401,7 +401,7 @@ def _ms(seconds: float) -> int:
 class _Follow:
     """What the reader knows of one key with local subscribers."""
 
-    __slots__ = ("cursor", "position", "partial")
+    __slots__ = ("cursor", "position", "partial", "partial_gap")
 
     def __init__(self, cursor: str, position: int | None) -> None:
         #: the newest entry id read
@@ -410,6 +410,8 @@ class _Follow:
         self.position = position
         #: the read entries of a publish whose last entry is still to come
         self.partial: list[Envelope] = []
+        #: the cursor before a gap that precedes ``partial``, if one does
+        self.partial_gap: str | None = None
 
 
 class RedisBroker:
@@ -572,8 +574,10 @@ class RedisBroker:
                 elif top is not None and after > top:
                     # Ahead of the log: say so, then every new entry, whatever its id.
                     replay.insert(0, reset_envelope(str(last_id), None))
+            # The floor for live entries: what the history reached. Not an id beyond the log
+            # (ahead, or a key that does not exist): new entries may come below it.
             reached = [top] if top is not None else []
-            if after is not None and (top is None or after <= top):
+            if after is not None and top is not None and after <= top:
                 reached.append(after)
             floor = max(reached) if reached else None
         with self._lock:
@@ -668,7 +672,7 @@ class RedisBroker:
             # Split the slice at gaps: values the publish script or the age trim removed
             # before this reader got to them. Subscribers get a reset there, never silence.
             segments: list[tuple[list[Envelope], str | None]] = []
-            batch, gap_after = follow.partial, None
+            batch, gap_after = follow.partial, follow.partial_gap
             position, cursor = follow.position, follow.cursor
             complete = 0  # how many envelopes of `batch` end a publish
             for raw_id, fields in entries:
@@ -685,17 +689,17 @@ class RedisBroker:
                 cursor = entry_id
             # Values of a publish whose last entry is not read yet wait for it: a subscriber
             # gets a publish in one batch (it counts once against its queue).
-            partial = batch[complete:]
+            partial, partial_gap = batch[complete:], gap_after
             if complete:
                 segments.append((batch[:complete], gap_after))
-            elif gap_after is not None and not partial:
-                segments.append(([], gap_after))
+                partial_gap = None
             with self._lock:
                 # The key's subscribers all left (and maybe came back with a new id) while we
                 # read: this slice belongs to nobody, the next read starts from the new id.
                 if self._follows.get(key) is not follow:
                     continue
-                follow.cursor, follow.position, follow.partial = cursor, position, partial
+                follow.cursor, follow.position = cursor, position
+                follow.partial, follow.partial_gap = partial, partial_gap
                 subs = self._subs[key]
                 for segment, gap in segments:
                     if not segment:
