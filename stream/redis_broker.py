@@ -232,9 +232,16 @@ if target > 0 then
   local old = redis.call('XRANGE', key, '-', '(' .. fmt(ms, first_seq), 'COUNT', 1025)
   local keep = fmt(ms, first_seq)
   local gone = false
+  local length = redis.call('XLEN', key)
   for idx, e in ipairs(old) do
     local f = fields(e[2])
     local c, n = tonumber(f['c'] or '0'), tonumber(f['n'] or '1')
+    if not f['c'] then
+      -- An entry from before positions were recorded (one value, older than every entry
+      -- that has one): it goes only while more than max_len entries, so values, stay.
+      c = target + 1
+      if length - (idx - 1) > max_len then c = target end
+    end
     if idx > 1024 or c > target then
       keep = e[1]
       if c - n < target then  -- the entry holds the boundary: mark the values before it

@@ -224,6 +224,32 @@ def test_redis_split_publish_reaches_a_live_subscriber_in_one_batch(redis_url: s
         broker.close()
 
 
+def test_redis_reads_and_trims_entries_of_the_previous_layout(
+    redis_url: str, admin: redis.Redis
+) -> None:
+    broker = redis_broker(redis_url, max_len=5)
+    log_key = f"{broker.prefix}log:k"
+    try:
+        legacy = [
+            admin.xadd(log_key, {"e": "message", "d": orjson.dumps(i)}).decode() for i in range(8)
+        ]
+        sub = broker.subscribe("k", legacy[0])
+        assert ids_of(collect(sub, 7)) == legacy[1:]
+        new = broker.publish("k", items("new"))
+        assert ids_of(collect(sub, 1)) == new
+        sub.close()
+        # Trimmed to the newest five values, old layout and new together.
+        sub = broker.subscribe("k", from_start=True)
+        assert ids_of(collect(sub, 5)) == legacy[4:] + new
+        sub.close()
+        sub = broker.subscribe("k", legacy[2])
+        got = collect(sub, 6)
+        assert reset_fields(got[0])["first_retained_id"] == legacy[4]
+        sub.close()
+    finally:
+        broker.close()
+
+
 # -- item 10: bounded work per Redis call ---------------------------------------------------------
 
 
@@ -256,7 +282,11 @@ def test_a_publish_is_packed_into_calls_of_bounded_size(count: int, size: int) -
         assert len(calls) == 1  # any body the service accepts is one atomic call
 
 
-def test_a_small_publish_during_a_huge_one_completes_first(redis_url: str) -> None:
+def test_a_small_publish_during_a_huge_one_completes_first(
+    redis_url: str, admin: redis.Redis
+) -> None:
+    from stream import redis_broker as module
+
     big_broker = redis_broker(redis_url)
     small_broker = redis_broker(redis_url)
     order: list[str] = []
@@ -276,6 +306,9 @@ def test_a_small_publish_during_a_huge_one_completes_first(redis_url: str) -> No
         thread.join(60)
         assert not thread.is_alive()
         assert order == ["small", "big"]
+        # The 524,000 values are 128 entries, written by one call: bounded work in Redis.
+        entries = admin.xlen(f"{big_broker.prefix}log:channel:big")
+        assert entries == -(-524_000 // module._ENTRY_VALUES) <= module._CALL_ENTRIES
     finally:
         thread.join(60)
         big_broker.close()
