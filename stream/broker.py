@@ -382,7 +382,14 @@ class _Log:
 
 
 class MemoryBroker:
-    """The in-process broker: one worker process, logs in memory, thread- and gevent-safe."""
+    """The in-process broker: one worker process, logs in memory, thread- and gevent-safe.
+
+    ``max_bytes`` bounds all logs together: each entry counts its data's length plus
+    ``_ENTRY_OVERHEAD``, which matches what CPython really holds within a few per cent for
+    data stored as exact-size bytes (``stream.encoders.dumps_compact``; orjson's own results
+    keep a larger allocation that no length shows). Above the bound the oldest entries go
+    first, whatever their key, and resuming from them gets a ``reset``.
+    """
 
     kind = "memory"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stream.broker import Broker, BrokerUnavailable, MemoryBroker, create_broker
+from stream.encoders import dumps_compact
 from stream.event import Envelope
 from tests.service import Service, wait_for
 from tests.test_broker import MakeBroker, collect, ids_of, items, quiet, reset_fields
@@ -499,6 +501,25 @@ def test_memory_broker_bounds_the_bytes_of_all_logs_together() -> None:
         assert newest_trimmed < oldest
     finally:
         broker.close()
+
+
+def test_memory_broker_memory_stays_near_max_bytes_however_much_is_published() -> None:
+    # The attack: many jobs of 1 KB events. 40 MB published, 4 MB allowed: what Python really
+    # holds afterwards (tracemalloc) stays near the bound, not near what was published.
+    broker = MemoryBroker(max_bytes=4_000_000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for job in range(40):
+            for batch in range(10):
+                # As the service stores them: compact copies (see dumps_compact).
+                values = [dumps_compact(f"{job}.{batch}.{i}".ljust(1_000, "x")) for i in range(100)]
+                broker.publish(f"job:{job}", [("message", v) for v in values])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        broker.close()
+    assert held < 2 * 4_000_000, held
 
 
 def test_memory_broker_accounting_returns_to_zero_when_logs_expire() -> None:
