@@ -572,3 +572,25 @@ def test_a_resume_id_ahead_of_a_redis_channel_resets_through_the_service(
         new = requests.post(url, json="new", timeout=10).json()["ids"]
         line = ndjson_lines(response, 1)[0]
         assert (line["id"], line["data"]) == (new[0], "new")
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_12000_value_publish_reaches_a_live_subscriber_whole_through_the_service(
+    start_service: Callable[..., Service], request: pytest.FixtureRequest, kind: str
+) -> None:
+    env = {"REDIS_URL": request.getfixturevalue("redis_url")} if kind == "redis" else {}
+    svc = start_service(env)
+    url = f"{svc.url}/channels/big-{uuid.uuid4().hex}"
+    headers = {"Accept": "application/x-ndjson"}
+    with requests.get(url, headers=headers, stream=True, timeout=(5, 30)) as response:
+        assert response.status_code == 200  # subscribed: the headers follow the subscription
+        body = b"".join(b"%d\n" % i for i in range(12_000))
+        published = requests.post(
+            url, data=body, headers={"Content-Type": "application/x-ndjson"}, timeout=30
+        )
+        assert published.status_code == 201
+        ids = published.json()["ids"]
+        got = ndjson_lines(response, 12_000, timeout=60)
+    assert [line["id"] for line in got] == ids
+    assert [line["data"] for line in got] == list(range(12_000))
+    assert all(line["event"] == "message" for line in got)
