@@ -322,6 +322,12 @@ class StreamWriter:
                     batch = self._batch
                     if self._size >= self._max_chunk:
                         self._wait_for_space()
+                    if self._stopping:
+                        # The client left, was cut off, or the worker stops. A kill only lands
+                        # where this greenlet switches, and a generator that never waits never
+                        # switches: without this check it would run to its end into memory.
+                        # Once per batch, so the per-event path pays nothing for it.
+                        break
             self._finish(None)
         except BaseException as exc:  # noqa: B036 - GreenletExit is how a departed client stops us
             self._finish(exc)

@@ -20,6 +20,7 @@ from stream.errors import RemoteError
 from stream.event import Envelope
 from stream.formats import SSE
 from stream.server import StreamWriter, stream_response
+from tests.service import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -270,3 +271,45 @@ def test_inline_framing_follows_gunicorn(
         assert isinstance(writer, StreamWriter)
         assert writer._chunked is chunked
         writer.close()
+
+
+def counting(produced: list[int], finished: threading.Event, size: int) -> Iterator[Any]:
+    """An endless generator that never waits, counting what it produced."""
+    try:
+        i = 0
+        while True:
+            produced[0] = i
+            yield {"i": i, "pad": "x" * size}
+            i += 1
+    finally:
+        finished.set()
+
+
+@pytest.mark.parametrize(
+    "how", [pytest.param("close", id="client-left"), pytest.param("shut_down", id="shutdown")]
+)
+def test_thread_producer_stops_when_the_client_leaves(how: str) -> None:
+    # The producer thread fills its bounded buffer and waits: once the stream stops (the client
+    # left, the worker stops) it stops at once, its generator closed, not run to its end.
+    produced, finished = [0], threading.Event()
+    writer = StreamWriter(
+        counting(produced, finished, 1000), encoder_for(SSE), heartbeat=15, max_chunk=64 * 1024
+    )
+    it = iter(writer)
+    assert next(it).startswith(b'data: {"i":0,')
+
+    # The buffer fills up (64 KiB of 1 KB events) and the producer waits for space.
+    def still() -> bool:
+        before = produced[0]
+        time.sleep(0.1)
+        return produced[0] == before
+
+    wait_for(still, timeout=5)
+    stalled = produced[0]
+    assert stalled < 1000
+    getattr(writer, how)()
+    if how == "shut_down":
+        assert b"".join(it).endswith(b"\n\n")  # what was buffered, then the end
+        writer.close()
+    assert finished.wait(5)
+    assert produced[0] <= stalled + 1
