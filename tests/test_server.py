@@ -117,7 +117,7 @@ def test_first_bytes_at_once_when_producer_is_slow() -> None:
     resp = app.test_client().get("/s", buffered=False)
     it = iter(resp.response)
     start = time.monotonic()
-    assert next(it) == b"\n"  # a keep-alive: the headers go out with it
+    assert next(it) == b" "  # a keep-alive: the headers go out with it
     assert time.monotonic() - start < 1.0
     release.set()
     assert b"".join(it) == b'{"late":true}\n'
@@ -182,6 +182,15 @@ def test_envelopes() -> None:
         {"id": "1-0", "event": "message", "data": {"a": 1}},
         {"id": "1-1", "event": "end", "data": {}},
     ]
+
+
+def test_accept_json_gets_ndjson() -> None:
+    # OpenAPI-generated clients send Accept: application/json: they get NDJSON, not a 406.
+    app = make_app(lambda: iter([{"a": 1}, 2]))
+    resp = app.test_client().get("/s", headers={"Accept": "application/json"})
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/x-ndjson"
+    assert lines(resp.data) == [{"a": 1}, 2]
 
 
 def test_not_acceptable_is_406_json() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_not_acceptable(service: Service) -> None:
 @pytest.mark.parametrize(
     "media_type, keepalive",
     [
-        pytest.param("ndjson", b"\n\n", id="ndjson-empty-line"),
+        pytest.param("ndjson", b"\n  ", id="ndjson-spaces"),
         pytest.param("sse", b"\n:\n", id="sse-comment"),
         pytest.param("json-seq", b"\n\x1e\x1e", id="json-seq-lone-rs"),
     ],
@@ -110,6 +111,10 @@ def test_keepalive_after_heartbeat_of_silence(
     url = service.url + f"/events?count=2&interval=2.5&format={media_type}"
     resp = requests.get(url, timeout=10)
     assert keepalive in resp.content
+    if media_type == "ndjson":
+        # Strict JSON Lines: no empty line anywhere, every line one JSON text.
+        assert b"\n\n" not in resp.content and not resp.content.startswith(b"\n")
+        assert [json.loads(line) for line in resp.content.splitlines()][-1]["is_last_event"]
 
 
 def test_headers_and_first_bytes_go_out_at_once(service: Service) -> None:

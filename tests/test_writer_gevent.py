@@ -140,12 +140,21 @@ def test_a_generator_slow_again_after_a_burst_costs_one_greenlet_again(
     wait_for(lambda: finished(app_service, "pattern") == before + 1, timeout=5)
 
 
-def test_http11_keepalives_are_whole_chunks(app_service: Service) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "first", "keepalive"),
+    [
+        pytest.param("sse", b'data: {"first":true}\n\n', b":\n", id="sse"),
+        pytest.param("ndjson", b'{"first":true}\n', b" ", id="ndjson"),
+        pytest.param("json-seq", b'\x1e{"first":true}\n', b"\x1e", id="json-seq"),
+    ],
+)
+def test_http11_keepalives_are_whole_chunks(
+    app_service: Service, fmt: str, first: bytes, keepalive: bytes
+) -> None:
     # Keep-alives written while the generator waits go straight to the socket: they must be
     # framed as gunicorn frames its own writes (chunked for HTTP/1.1).
-    sock = raw_get(
-        app_service, b"GET /blocked?format=sse HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
+    request = f"GET /blocked?format={fmt} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    sock = raw_get(app_service, request.encode())
     with sock:
         raw = read_for(sock, 2.6)
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -153,8 +162,8 @@ def test_http11_keepalives_are_whole_chunks(app_service: Service) -> None:
     assert b"transfer-encoding: chunked" in head.lower()
     chunks, rest = dechunk(body)
     assert rest == b""
-    assert chunks[0] == b'data: {"first":true}\n\n'
-    assert len(chunks) >= 3 and set(chunks[1:]) == {b":\n"}  # a keep-alive each heartbeat
+    assert chunks[0] == first
+    assert len(chunks) >= 3 and set(chunks[1:]) == {keepalive}  # a keep-alive each heartbeat
 
 
 def test_http10_keepalives_are_unframed_and_leaving_runs_finally(app_service: Service) -> None:
@@ -166,8 +175,9 @@ def test_http10_keepalives_are_unframed_and_leaving_runs_finally(app_service: Se
     assert head.startswith(b"HTTP/1.0 200")
     assert b"transfer-encoding" not in head.lower()
     first, _, keepalives = body.partition(b'{"first":true}\n')
-    assert first.strip(b"\n") == b""
-    assert len(keepalives) >= 2 and keepalives.strip(b"\n") == b""
+    assert first.strip(b" ") == b""
+    # NDJSON keep-alives: a space each, never a newline (no empty line for strict readers).
+    assert len(keepalives) >= 2 and keepalives.strip(b" ") == b""
     # The client left while the generator waited: it is interrupted there, its finally runs.
     wait_for(lambda: finished(app_service, "blocked") == before + 1, timeout=5)
     wait_for(lambda: open_streams(app_service) == 0)
