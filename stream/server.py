@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -71,8 +72,16 @@ _NOT_STARTED, _INLINE, _PRODUCER, _THREAD = 0, 1, 2, 3
 _NOT_FAILURES = (KeyboardInterrupt, SystemExit, GeneratorExit)
 #: "no value" (None is a JSON value)
 _NOTHING: Any = object()
-#: reconnection time suggested to SSE clients when the server shuts down, in ms
-SHUTDOWN_RETRY_MS = 1000
+#: the reconnection time (``retry:``, in ms) a stopping worker's SSE streams are told: at least
+#: SHUTDOWN_RETRY_MS, plus a random share of SHUTDOWN_RETRY_WINDOW_MS drawn per stream.
+#: The base outlasts a full restart behind a proxy with a single upstream: gunicorn takes about
+#: 2 s to stop and start again, nginx answers 502 meanwhile, and an EventSource that gets a 502
+#: fails for good instead of retrying (WHATWG HTML, "fail the connection"). The window spreads
+#: a worker's clients over 7 s instead of bringing them all back in the same second (10,000
+#: streams come back at about 1,400 a second); 10 s at most keeps readers' gap short and under
+#: the 30 s cap clients put on ``retry:``.
+SHUTDOWN_RETRY_MS = 3000
+SHUTDOWN_RETRY_WINDOW_MS = 7000
 
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
@@ -87,6 +96,8 @@ _NO_LOCK: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 _open_streams: set[StreamWriter] = set()
 _shutdown_callbacks: list[Callable[[], None]] = []
 _shutting_down = False
+#: SHUTDOWN_RETRY_MS and SHUTDOWN_RETRY_WINDOW_MS, or what shutdown_streams() was given
+_retry_base, _retry_window = SHUTDOWN_RETRY_MS, SHUTDOWN_RETRY_WINDOW_MS
 #: whether gunicorn frames bodies as HTTP (see inline_keepalives)
 _http_framing = True
 
@@ -123,10 +134,18 @@ def on_shutdown(callback: Callable[[], None]) -> None:
     _shutdown_callbacks.append(callback)
 
 
-def shutdown_streams() -> int:
-    """End every open stream cleanly (SSE gets a ``retry:`` hint); returns how many there were."""
-    global _shutting_down
+def shutdown_streams(retry_ms: int | None = None, retry_window_ms: int | None = None) -> int:
+    """End every open stream cleanly (SSE gets a ``retry:`` hint); returns how many there were.
+
+    Each SSE stream is told to come back after ``retry_ms`` plus a random share of
+    ``retry_window_ms`` (defaults: SHUTDOWN_RETRY_MS, SHUTDOWN_RETRY_WINDOW_MS).
+    """
+    global _shutting_down, _retry_base, _retry_window
     _shutting_down = True
+    if retry_ms is not None:
+        _retry_base = retry_ms
+    if retry_window_ms is not None:
+        _retry_window = retry_window_ms
     for callback in _shutdown_callbacks:
         try:
             callback()
@@ -136,6 +155,11 @@ def shutdown_streams() -> int:
     for s in streams:
         s.shut_down()
     return len(streams)
+
+
+def _shutdown_retry() -> int:
+    """A stream's ``retry:`` on shutdown: the base plus its own random share of the window."""
+    return _retry_base + random.randint(0, max(_retry_window, 0))
 
 
 def _close_iterator(items: Iterator[Any]) -> None:
@@ -527,12 +551,15 @@ class StreamWriter:
         if space is not None:
             space.set()
 
-    def shut_down(self) -> None:
-        """Called on worker shutdown: end this stream cleanly, hinting SSE clients to come back."""
+    def shut_down(self, retry_ms: int | None = None) -> None:
+        """Called on worker shutdown: end this stream cleanly, hinting SSE clients to come back
+        after ``retry_ms`` (by default a spread delay, see SHUTDOWN_RETRY_MS)."""
         if self._shutdown:
             return
         self._shutdown = True
-        self._tail += self._encoder.retry_hint(SHUTDOWN_RETRY_MS)
+        if retry_ms is None:
+            retry_ms = _shutdown_retry()
+        self._tail += self._encoder.retry_hint(retry_ms)
         self._reason = "shutdown"
         self._stop()
 

@@ -213,7 +213,7 @@ def test_shut_down_sends_retry_hint_and_ends() -> None:
     writer = StreamWriter(gen(), enc, heartbeat=15)
     it = iter(writer)
     assert next(it) == b"data: 1\n\n"
-    writer.shut_down()
+    writer.shut_down(1000)
     assert b"".join(it) == b"retry: 1000\n\n"
     release.set()
     writer.close()
@@ -322,3 +322,36 @@ def test_thread_producer_stops_when_the_client_leaves(how: str) -> None:
         writer.close()
     assert finished.wait(5)
     assert produced[0] <= stalled + 1
+
+
+def test_shutdown_spreads_retry_hints_over_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every SSE stream of a stopping worker gets its own retry: within [base, base + window],
+    # so its clients do not all come back in the same second.
+    import stream.server as server
+
+    for name in ("_shutting_down", "_retry_base", "_retry_window"):
+        monkeypatch.setattr(server, name, getattr(server, name))  # restored after the test
+    monkeypatch.setattr(server, "_open_streams", set())
+    release = threading.Event()
+
+    def gen() -> Iterator[Any]:
+        yield 1
+        release.wait(5)
+
+    writers = [StreamWriter(gen(), encoder_for(SSE), heartbeat=15) for _ in range(20)]
+    iters = [iter(w) for w in writers]
+    for it in iters:
+        assert next(it) == b"data: 1\n\n"
+    assert server.shutdown_streams(retry_ms=5000, retry_window_ms=2000) == 20
+    late = StreamWriter(gen(), encoder_for(SSE), heartbeat=15)  # opened while stopping
+    hints = []
+    for it in [*iters, iter(late)]:
+        tail = b"".join(it)
+        last = tail.split(b"\n\n")[-2]  # the body's last block
+        assert last.startswith(b"retry: ") and tail.endswith(b"\n\n"), tail
+        hints.append(int(last.removeprefix(b"retry: ")))
+    release.set()
+    for writer in [*writers, late]:
+        writer.close()
+    assert all(5000 <= hint <= 7000 for hint in hints), hints
+    assert len(set(hints)) > 1
