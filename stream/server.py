@@ -762,8 +762,10 @@ class StreamWriter:
             self._stop_heartbeat()
             if self._producer is not None:
                 self._producer.kill(block=True, timeout=5)
-            elif self._mode in (_INLINE, _NOT_STARTED):
-                _close_iterator(self._items)  # suspended at a yield: its ``finally`` runs
+            else:
+                # Inline (or never started, or stopped before a producer could take it over):
+                # suspended at a yield, so its ``finally`` runs here.
+                _close_iterator(self._items)
             if self._watcher is not None:
                 self._watcher.stop()
                 self._watcher.close()

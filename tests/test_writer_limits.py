@@ -87,6 +87,34 @@ def test_a_client_that_reads_1mb_and_leaves_stops_the_generator(
     assert requests.get(svc.url + "/healthz", timeout=5).status_code == 200
 
 
+def test_a_client_that_half_closes_stops_the_generator(
+    start_service: Callable[..., Service],
+) -> None:
+    # The client reads 1 MB, then sends its FIN and goes on reading: no write fails, the
+    # worker notices the FIN alone, stops the generator and ends the body after what it holds.
+    svc = start_service()
+    pid = worker(svc)
+    before = rss(pid)
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=10) as sock:
+        sock.sendall(ATTACK)
+        received = read_at_least(sock, 1024 * 1024)
+        sock.shutdown(socket.SHUT_WR)
+        tail = b""
+        while chunk := sock.recv(65536):
+            received += len(chunk)
+            tail = (tail + chunk)[-16:]
+    assert tail.endswith(b"\r\n0\r\n\r\n")  # the body ended properly (the last chunk)
+    events = wait_for(ended(svc, "disconnect"), timeout=15)
+    growth = rss(pid) - before
+    print(
+        f"events produced: {events}; received: {received} bytes; worker peak RSS growth: ", end=""
+    )
+    print(f"{growth / 2**20:.1f} MiB")
+    assert 1000 <= events < MAX_EVENTS
+    assert received < MAX_EVENTS * 1100
+    assert growth < MAX_RSS_GROWTH
+
+
 def test_a_client_that_never_reads_is_cut_off_and_stops_the_generator(
     start_service: Callable[..., Service],
 ) -> None:
