@@ -91,9 +91,18 @@ def test_formats(service: Service, query: str, accept: str | None, media_type: s
 
 
 def test_not_acceptable(service: Service) -> None:
-    resp = requests.get(service.url + "/events", headers={"Accept": "application/json"}, timeout=5)
+    resp = requests.get(service.url + "/events", headers={"Accept": "text/html"}, timeout=5)
     assert resp.status_code == 406
     assert resp.json()["error"]["code"] == "not_acceptable"
+
+
+def test_accept_json_gets_ndjson(service: Service) -> None:
+    # What OpenAPI-generated clients send: a stream of JSON values, one a line.
+    url = service.url + "/events?count=2&interval=0"
+    resp = requests.get(url, headers={"Accept": "application/json"}, timeout=5)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/x-ndjson"
+    assert [json.loads(line)["event_id"] for line in resp.content.splitlines()] == [0, 1]
 
 
 @pytest.mark.parametrize(
