@@ -5,6 +5,7 @@ Served by ``tests/writer_app.py`` (1 s heartbeat) with the repository's gunicorn
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -230,3 +231,16 @@ def test_a_timeout_escaping_the_generator_is_its_error_event(
         {"first": True},
         {"error": {"code": "internal_error", "message": "the stream failed on the server"}},
     ]
+
+
+def test_a_strict_json_lines_reader_reads_a_stream_with_keepalives(app_service: Service) -> None:
+    # Events 1.5 s apart with a 1 s heartbeat: keep-alives go out between them. A strict JSON
+    # Lines reader (json.loads on every line, as jsonlines and ndjson.loads do) reads it all.
+    with requests.get(
+        app_service.url + "/pattern?spec=w3&wait=1.5&tag=strict", stream=True, timeout=(5, 10)
+    ) as resp:
+        body = resp.raw.read()
+    assert b" " in body  # keep-alives were sent (orjson writes no spaces of its own)
+    values = [json.loads(line) for line in body.split(b"\n")[:-1]]
+    assert [v["seq"] for v in values] == [0, 1, 2]
+    assert body.endswith(b"}\n")
