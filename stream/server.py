@@ -20,12 +20,16 @@ generator (``stream_with_context``), and hands WSGI a writer object instead of t
   follow the headers within ``FIRST_BYTES_WAIT``;
 - under gunicorn+gevent a libev watcher waits for the peer's FIN, so a client that leaves is
   noticed at once: ``GreenletExit`` is raised where the generator waits, and its ``finally``
-  runs;
+  runs. A generator that never waits never switches, so a kill would never land: its producer
+  also checks at every batch it seals whether the stream stopped (the client left, a write
+  failed or timed out, the worker stops), so it stops within one batch, never producing the
+  rest of a long stream into memory;
 - an exception in the generator ends the stream with the contract's error event (a
   ``RemoteError`` raised by the generator keeps its code and message; anything else is logged
   and reported as ``internal_error`` without its text, which may hold secrets);
 - ``shutdown_streams()`` (called by gunicorn.conf.py's worker hook on SIGTERM/SIGHUP) ends every
-  open stream cleanly, with a ``retry:`` hint first for SSE, so clients resume elsewhere.
+  open stream cleanly, with a ``retry:`` hint first for SSE (3 s plus a random share of 7 s per
+  stream, see SHUTDOWN_RETRY_MS), so clients resume elsewhere, and not all at once.
 
 Under threads (Flask's development server, test clients) a producer blocked inside the generator
 cannot be interrupted: it is closed at its next ``yield``.
