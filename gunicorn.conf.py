@@ -38,6 +38,13 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 # so this is a bound, not a wait. Heroku sends SIGKILL 30 s after SIGTERM: stay below that.
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "20"))
 
+# The retry: hint (seconds) a stopping worker's SSE streams get: at least STREAM_SHUTDOWN_RETRY,
+# plus a random share of STREAM_SHUTDOWN_RETRY_WINDOW per stream. The base outlasts a full
+# restart behind a single-upstream proxy (whose 502 an EventSource never retries); the window
+# keeps a worker's clients from all coming back in the same second. See stream/server.py.
+_shutdown_retry_ms = round(float(os.environ.get("STREAM_SHUTDOWN_RETRY", "3")) * 1000)
+_shutdown_retry_window_ms = round(float(os.environ.get("STREAM_SHUTDOWN_RETRY_WINDOW", "7")) * 1000)
+
 # Idle keep-alive connections between requests (streams hold theirs while they last).
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 
@@ -84,6 +91,20 @@ def on_starting(server):
         server.log.info("broker: in-process (one worker); set REDIS_URL for more")
 
 
+def pre_exec(server):
+    """Re-execute a master started as ``python -m gunicorn`` the same way on USR2.
+
+    gunicorn re-executes ``sys.executable`` with ``sys.argv``, whose first item is then the path
+    of gunicorn/__main__.py: run as a script, it would put gunicorn's own directory first on
+    sys.path, where its ``http`` package hides the standard library's, and the new master would
+    fail to load the app (the old one keeps serving, but the upgrade never happens).
+    """
+    args = server.START_CTX["args"]
+    script = os.path.normpath(args[1]) if len(args) > 1 else ""
+    if script.endswith(os.path.join("gunicorn", "__main__.py")):
+        args[1:2] = ["-m", "gunicorn"]
+
+
 def post_fork(server, worker):
     """Let glibc return large freed blocks (big events, coalesced writes) to the system.
 
@@ -120,7 +141,7 @@ def post_worker_init(worker):
     def watch():
         while worker.alive:
             gevent.sleep(0.1)
-        ended = shutdown_streams()
+        ended = shutdown_streams(_shutdown_retry_ms, _shutdown_retry_window_ms)
         worker.log.info("worker %s stopping: ended %d open streams", worker.pid, ended)
 
     gevent.spawn(watch)

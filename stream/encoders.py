@@ -7,7 +7,9 @@ one orjson call or one ``bytes`` concatenation per event, with no other allocati
 Wire shapes (see the contract, "Formats and negotiation"):
 
 - NDJSON: a value is ``<json>\n``; an envelope ``{"id":..,"event":..,"data":..}\n``;
-  a keep-alive ``\n``.
+  a keep-alive a single space, with no newline: JSON whitespace before the next value, so a
+  strict JSON Lines reader (``jsonlines``, ``ndjson.loads``, ``JSON.parse`` per line) never sees
+  the empty line it would refuse as invalid JSON (https://jsonlines.org/).
 - SSE: a value is ``data: <json>\n\n``; an envelope ``id: ..\nevent: ..\ndata: <json>\n\n``
   (no ``event:`` line for "message"); a keep-alive ``:\n``.
 - JSON-seq (RFC 7464): ``\x1e`` + the NDJSON line; a keep-alive is a lone ``\x1e``.
@@ -122,7 +124,7 @@ class Encoder:
 
 
 ENCODERS: dict[str, Encoder] = {
-    NDJSON: Encoder(NDJSON, b"\n", _ndjson_value, _envelope_line, (b"", b"\n", b"\n")),
+    NDJSON: Encoder(NDJSON, b" ", _ndjson_value, _envelope_line, (b"", b"\n", b"\n")),
     SSE: Encoder(SSE, b":\n", _sse_value, _sse_envelope, (b"data: ", b"\n\ndata: ", b"\n\n")),
     JSON_SEQ: Encoder(
         JSON_SEQ, b"\x1e", _jsonseq_value, _jsonseq_envelope, (b"\x1e", b"\n\x1e", b"\n")

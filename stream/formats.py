@@ -1,8 +1,9 @@
 """Media types of the three wire formats and ``Accept`` negotiation (pure: no I/O).
 
 The contract: ``application/x-ndjson`` is the default (also for an absent ``Accept`` or ``*/*``);
-``text/event-stream`` and ``application/json-seq`` (RFC 7464) on request; ``?format=`` wins over
-``Accept``; an ``Accept`` that allows none of them is refused (406).
+``text/event-stream`` and ``application/json-seq`` (RFC 7464) on request; ``application/json``
+(what OpenAPI-generated clients send) gets NDJSON; ``?format=`` wins over ``Accept``; an
+``Accept`` that allows none of them is refused (406).
 
 Negotiation follows RFC 9110 §12.5.1: each format gets the quality of the most specific media
 range that matches it, ``q=0`` means "not acceptable", and among equal qualities the server's
@@ -23,8 +24,11 @@ MEDIA_TYPES: Final = (NDJSON, SSE, JSON_SEQ)
 #: ``?format=`` values and the media types they name
 FORMAT_NAMES: Final = {"ndjson": NDJSON, "sse": SSE, "json-seq": JSON_SEQ}
 
-#: other spellings clients send for the same formats (``application/ndjson`` is the ndjson spec's)
+#: other spellings clients send for the same formats (``application/ndjson`` is the ndjson spec's).
+#: ``application/json`` is not NDJSON's media type, but a client that asks for JSON (every
+#: OpenAPI-generated one does) reads a stream of JSON values best as NDJSON: one JSON text a line.
 _ALIASES: Final = {
+    "application/json": NDJSON,
     "application/ndjson": NDJSON,
     "application/jsonl": NDJSON,
     "application/x-jsonlines": NDJSON,
@@ -74,6 +78,9 @@ def _quality(media_type: str, ranges: list[tuple[str, float]]) -> float:
             continue
         if specificity > best_specificity:
             best_specificity, quality = specificity, q
+        elif specificity == best_specificity:
+            # Aliases give one format several exact ranges: the most generous one counts.
+            quality = max(quality, q)
     return quality
 
 

@@ -20,12 +20,16 @@ generator (``stream_with_context``), and hands WSGI a writer object instead of t
   follow the headers within ``FIRST_BYTES_WAIT``;
 - under gunicorn+gevent a libev watcher waits for the peer's FIN, so a client that leaves is
   noticed at once: ``GreenletExit`` is raised where the generator waits, and its ``finally``
-  runs;
+  runs. A generator that never waits never switches, so a kill would never land: its producer
+  also checks at every batch it seals whether the stream stopped (the client left, a write
+  failed or timed out, the worker stops), so it stops within one batch, never producing the
+  rest of a long stream into memory;
 - an exception in the generator ends the stream with the contract's error event (a
   ``RemoteError`` raised by the generator keeps its code and message; anything else is logged
   and reported as ``internal_error`` without its text, which may hold secrets);
 - ``shutdown_streams()`` (called by gunicorn.conf.py's worker hook on SIGTERM/SIGHUP) ends every
-  open stream cleanly, with a ``retry:`` hint first for SSE, so clients resume elsewhere.
+  open stream cleanly, with a ``retry:`` hint first for SSE (3 s plus a random share of 7 s per
+  stream, see SHUTDOWN_RETRY_MS), so clients resume elsewhere, and not all at once.
 
 Under threads (Flask's development server, test clients) a producer blocked inside the generator
 cannot be interrupted: it is closed at its next ``yield``.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -71,8 +76,16 @@ _NOT_STARTED, _INLINE, _PRODUCER, _THREAD = 0, 1, 2, 3
 _NOT_FAILURES = (KeyboardInterrupt, SystemExit, GeneratorExit)
 #: "no value" (None is a JSON value)
 _NOTHING: Any = object()
-#: reconnection time suggested to SSE clients when the server shuts down, in ms
-SHUTDOWN_RETRY_MS = 1000
+#: the reconnection time (``retry:``, in ms) a stopping worker's SSE streams are told: at least
+#: SHUTDOWN_RETRY_MS, plus a random share of SHUTDOWN_RETRY_WINDOW_MS drawn per stream.
+#: The base outlasts a full restart behind a proxy with a single upstream: gunicorn takes about
+#: 2 s to stop and start again, nginx answers 502 meanwhile, and an EventSource that gets a 502
+#: fails for good instead of retrying (WHATWG HTML, "fail the connection"). The window spreads
+#: a worker's clients over 7 s instead of bringing them all back in the same second (10,000
+#: streams come back at about 1,400 a second); 10 s at most keeps readers' gap short and under
+#: the 30 s cap clients put on ``retry:``.
+SHUTDOWN_RETRY_MS = 3000
+SHUTDOWN_RETRY_WINDOW_MS = 7000
 
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
@@ -87,6 +100,8 @@ _NO_LOCK: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 _open_streams: set[StreamWriter] = set()
 _shutdown_callbacks: list[Callable[[], None]] = []
 _shutting_down = False
+#: SHUTDOWN_RETRY_MS and SHUTDOWN_RETRY_WINDOW_MS, or what shutdown_streams() was given
+_retry_base, _retry_window = SHUTDOWN_RETRY_MS, SHUTDOWN_RETRY_WINDOW_MS
 #: whether gunicorn frames bodies as HTTP (see inline_keepalives)
 _http_framing = True
 
@@ -123,10 +138,18 @@ def on_shutdown(callback: Callable[[], None]) -> None:
     _shutdown_callbacks.append(callback)
 
 
-def shutdown_streams() -> int:
-    """End every open stream cleanly (SSE gets a ``retry:`` hint); returns how many there were."""
-    global _shutting_down
+def shutdown_streams(retry_ms: int | None = None, retry_window_ms: int | None = None) -> int:
+    """End every open stream cleanly (SSE gets a ``retry:`` hint); returns how many there were.
+
+    Each SSE stream is told to come back after ``retry_ms`` plus a random share of
+    ``retry_window_ms`` (defaults: SHUTDOWN_RETRY_MS, SHUTDOWN_RETRY_WINDOW_MS).
+    """
+    global _shutting_down, _retry_base, _retry_window
     _shutting_down = True
+    if retry_ms is not None:
+        _retry_base = retry_ms
+    if retry_window_ms is not None:
+        _retry_window = retry_window_ms
     for callback in _shutdown_callbacks:
         try:
             callback()
@@ -136,6 +159,11 @@ def shutdown_streams() -> int:
     for s in streams:
         s.shut_down()
     return len(streams)
+
+
+def _shutdown_retry() -> int:
+    """A stream's ``retry:`` on shutdown: the base plus its own random share of the window."""
+    return _retry_base + random.randint(0, max(_retry_window, 0))
 
 
 def _close_iterator(items: Iterator[Any]) -> None:
@@ -322,6 +350,12 @@ class StreamWriter:
                     batch = self._batch
                     if self._size >= self._max_chunk:
                         self._wait_for_space()
+                    if self._stopping:
+                        # The client left, was cut off, or the worker stops. A kill only lands
+                        # where this greenlet switches, and a generator that never waits never
+                        # switches: without this check it would run to its end into memory.
+                        # Once per batch, so the per-event path pays nothing for it.
+                        break
             self._finish(None)
         except BaseException as exc:  # noqa: B036 - GreenletExit is how a departed client stops us
             self._finish(exc)
@@ -521,12 +555,15 @@ class StreamWriter:
         if space is not None:
             space.set()
 
-    def shut_down(self) -> None:
-        """Called on worker shutdown: end this stream cleanly, hinting SSE clients to come back."""
+    def shut_down(self, retry_ms: int | None = None) -> None:
+        """Called on worker shutdown: end this stream cleanly, hinting SSE clients to come back
+        after ``retry_ms`` (by default a spread delay, see SHUTDOWN_RETRY_MS)."""
         if self._shutdown:
             return
         self._shutdown = True
-        self._tail += self._encoder.retry_hint(SHUTDOWN_RETRY_MS)
+        if retry_ms is None:
+            retry_ms = _shutdown_retry()
+        self._tail += self._encoder.retry_hint(retry_ms)
         self._reason = "shutdown"
         self._stop()
 
@@ -729,8 +766,10 @@ class StreamWriter:
             self._stop_heartbeat()
             if self._producer is not None:
                 self._producer.kill(block=True, timeout=5)
-            elif self._mode in (_INLINE, _NOT_STARTED):
-                _close_iterator(self._items)  # suspended at a yield: its ``finally`` runs
+            else:
+                # Inline (or never started, or stopped before a producer could take it over):
+                # suspended at a yield, so its ``finally`` runs here.
+                _close_iterator(self._items)
             if self._watcher is not None:
                 self._watcher.stop()
                 self._watcher.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 
@@ -28,6 +30,15 @@ from stream.formats import JSON_SEQ, NDJSON, SSE, NegotiationError, negotiate
         pytest.param("*/*;q=0.1, text/event-stream", None, SSE, id="specific-beats-wildcard"),
         pytest.param("application/x-ndjson;q=0, */*", None, SSE, id="ndjson-refused"),
         pytest.param("garbage", None, NDJSON, id="unparseable-limits-nothing"),
+        pytest.param("application/json", None, NDJSON, id="json-is-ndjson"),
+        pytest.param("Application/JSON; charset=utf-8", None, NDJSON, id="json-with-params"),
+        pytest.param("application/json, text/event-stream", None, NDJSON, id="json-and-sse"),
+        pytest.param("text/event-stream, application/json;q=0.9", None, SSE, id="json-lower-q"),
+        pytest.param(
+            "application/x-ndjson;q=0.2, application/json", None, NDJSON, id="alias-best-q"
+        ),
+        pytest.param("application/json;q=0, */*", None, SSE, id="json-refused-means-ndjson"),
+        pytest.param("application/json-seq, application/json;q=0.5", None, JSON_SEQ, id="seq"),
         pytest.param("text/event-stream", "ndjson", NDJSON, id="param-wins"),
         pytest.param(None, "json-seq", JSON_SEQ, id="param-json-seq"),
         pytest.param("text/html", "sse", SSE, id="param-wins-over-refusal"),
@@ -40,7 +51,7 @@ def test_negotiate(accept: str | None, fmt: str | None, expected: str) -> None:
 @pytest.mark.parametrize(
     ("accept", "fmt"),
     [
-        pytest.param("application/json", None, id="json-only"),
+        pytest.param("application/json;q=0", None, id="json-refused"),
         pytest.param("text/html, image/*", None, id="html"),
         pytest.param("*/*;q=0", None, id="nothing"),
         pytest.param("text/event-stream;q=abc", None, id="bad-q-is-zero"),
@@ -63,7 +74,7 @@ ENV = Envelope("1-0", "message", b'{"x":1}')
             NDJSON,
             orjson.dumps(VALUE) + b"\n",
             b'{"id":"1-0","event":"message","data":{"x":1}}\n',
-            b"\n",
+            b" ",
             b'{"error":{"code":"c","message":"m"}}\n',
             id="ndjson",
         ),
@@ -93,6 +104,20 @@ def test_encoders(
     assert enc.encode_envelope(ENV) == envelope
     assert enc.keepalive == keepalive
     assert enc.error("c", "m") == error
+
+
+def test_ndjson_keepalives_leave_every_line_strict_json() -> None:
+    # A strict JSON Lines reader (json.loads per line, no blank line allowed) reads a body with
+    # keep-alives anywhere between values: each is whitespace before the next value.
+    enc = encoder_for(NDJSON)
+    ka = enc.keepalive
+    body = ka + enc.encode_value(1) + ka + ka + enc.encode_envelope(ENV) + ka + enc.encode_value(2)
+    assert b"\n" not in ka
+    assert [json.loads(line) for line in body.split(b"\n")[:-1]] == [
+        1,
+        {"id": "1-0", "event": "message", "data": {"x": 1}},
+        2,
+    ]
 
 
 def test_sse_envelope_with_event_type() -> None:

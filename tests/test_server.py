@@ -20,6 +20,7 @@ from stream.errors import RemoteError
 from stream.event import Envelope
 from stream.formats import SSE
 from stream.server import StreamWriter, stream_response
+from tests.service import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -116,7 +117,7 @@ def test_first_bytes_at_once_when_producer_is_slow() -> None:
     resp = app.test_client().get("/s", buffered=False)
     it = iter(resp.response)
     start = time.monotonic()
-    assert next(it) == b"\n"  # a keep-alive: the headers go out with it
+    assert next(it) == b" "  # a keep-alive: the headers go out with it
     assert time.monotonic() - start < 1.0
     release.set()
     assert b"".join(it) == b'{"late":true}\n'
@@ -183,6 +184,15 @@ def test_envelopes() -> None:
     ]
 
 
+def test_accept_json_gets_ndjson() -> None:
+    # OpenAPI-generated clients send Accept: application/json: they get NDJSON, not a 406.
+    app = make_app(lambda: iter([{"a": 1}, 2]))
+    resp = app.test_client().get("/s", headers={"Accept": "application/json"})
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/x-ndjson"
+    assert lines(resp.data) == [{"a": 1}, 2]
+
+
 def test_not_acceptable_is_406_json() -> None:
     app = make_app(lambda: iter([1]))
     resp = app.test_client().get("/s", headers={"Accept": "text/html"})
@@ -203,7 +213,7 @@ def test_shut_down_sends_retry_hint_and_ends() -> None:
     writer = StreamWriter(gen(), enc, heartbeat=15)
     it = iter(writer)
     assert next(it) == b"data: 1\n\n"
-    writer.shut_down()
+    writer.shut_down(1000)
     assert b"".join(it) == b"retry: 1000\n\n"
     release.set()
     writer.close()
@@ -270,3 +280,78 @@ def test_inline_framing_follows_gunicorn(
         assert isinstance(writer, StreamWriter)
         assert writer._chunked is chunked
         writer.close()
+
+
+def counting(produced: list[int], finished: threading.Event, size: int) -> Iterator[Any]:
+    """An endless generator that never waits, counting what it produced."""
+    try:
+        i = 0
+        while True:
+            produced[0] = i
+            yield {"i": i, "pad": "x" * size}
+            i += 1
+    finally:
+        finished.set()
+
+
+@pytest.mark.parametrize(
+    "how", [pytest.param("close", id="client-left"), pytest.param("shut_down", id="shutdown")]
+)
+def test_thread_producer_stops_when_the_client_leaves(how: str) -> None:
+    # The producer thread fills its bounded buffer and waits: once the stream stops (the client
+    # left, the worker stops) it stops at once, its generator closed, not run to its end.
+    produced, finished = [0], threading.Event()
+    writer = StreamWriter(
+        counting(produced, finished, 1000), encoder_for(SSE), heartbeat=15, max_chunk=64 * 1024
+    )
+    it = iter(writer)
+    assert next(it).startswith(b'data: {"i":0,')
+
+    # The buffer fills up (64 KiB of 1 KB events) and the producer waits for space.
+    def still() -> bool:
+        before = produced[0]
+        time.sleep(0.1)
+        return produced[0] == before
+
+    wait_for(still, timeout=5)
+    stalled = produced[0]
+    assert stalled < 1000
+    getattr(writer, how)()
+    if how == "shut_down":
+        assert b"".join(it).endswith(b"\n\n")  # what was buffered, then the end
+        writer.close()
+    assert finished.wait(5)
+    assert produced[0] <= stalled + 1
+
+
+def test_shutdown_spreads_retry_hints_over_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every SSE stream of a stopping worker gets its own retry: within [base, base + window],
+    # so its clients do not all come back in the same second.
+    import stream.server as server
+
+    for name in ("_shutting_down", "_retry_base", "_retry_window"):
+        monkeypatch.setattr(server, name, getattr(server, name))  # restored after the test
+    monkeypatch.setattr(server, "_open_streams", set())
+    release = threading.Event()
+
+    def gen() -> Iterator[Any]:
+        yield 1
+        release.wait(5)
+
+    writers = [StreamWriter(gen(), encoder_for(SSE), heartbeat=15) for _ in range(20)]
+    iters = [iter(w) for w in writers]
+    for it in iters:
+        assert next(it) == b"data: 1\n\n"
+    assert server.shutdown_streams(retry_ms=5000, retry_window_ms=2000) == 20
+    late = StreamWriter(gen(), encoder_for(SSE), heartbeat=15)  # opened while stopping
+    hints = []
+    for it in [*iters, iter(late)]:
+        tail = b"".join(it)
+        last = tail.split(b"\n\n")[-2]  # the body's last block
+        assert last.startswith(b"retry: ") and tail.endswith(b"\n\n"), tail
+        hints.append(int(last.removeprefix(b"retry: ")))
+    release.set()
+    for writer in [*writers, late]:
+        writer.close()
+    assert all(5000 <= hint <= 7000 for hint in hints), hints
+    assert len(set(hints)) > 1

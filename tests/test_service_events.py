@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -90,15 +91,24 @@ def test_formats(service: Service, query: str, accept: str | None, media_type: s
 
 
 def test_not_acceptable(service: Service) -> None:
-    resp = requests.get(service.url + "/events", headers={"Accept": "application/json"}, timeout=5)
+    resp = requests.get(service.url + "/events", headers={"Accept": "text/html"}, timeout=5)
     assert resp.status_code == 406
     assert resp.json()["error"]["code"] == "not_acceptable"
+
+
+def test_accept_json_gets_ndjson(service: Service) -> None:
+    # What OpenAPI-generated clients send: a stream of JSON values, one a line.
+    url = service.url + "/events?count=2&interval=0"
+    resp = requests.get(url, headers={"Accept": "application/json"}, timeout=5)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/x-ndjson"
+    assert [json.loads(line)["event_id"] for line in resp.content.splitlines()] == [0, 1]
 
 
 @pytest.mark.parametrize(
     "media_type, keepalive",
     [
-        pytest.param("ndjson", b"\n\n", id="ndjson-empty-line"),
+        pytest.param("ndjson", b"\n  ", id="ndjson-spaces"),
         pytest.param("sse", b"\n:\n", id="sse-comment"),
         pytest.param("json-seq", b"\n\x1e\x1e", id="json-seq-lone-rs"),
     ],
@@ -110,6 +120,10 @@ def test_keepalive_after_heartbeat_of_silence(
     url = service.url + f"/events?count=2&interval=2.5&format={media_type}"
     resp = requests.get(url, timeout=10)
     assert keepalive in resp.content
+    if media_type == "ndjson":
+        # Strict JSON Lines: no empty line anywhere, every line one JSON text.
+        assert b"\n\n" not in resp.content and not resp.content.startswith(b"\n")
+        assert [json.loads(line) for line in resp.content.splitlines()][-1]["is_last_event"]
 
 
 def test_headers_and_first_bytes_go_out_at_once(service: Service) -> None:

@@ -5,6 +5,7 @@ Served by ``tests/writer_app.py`` (1 s heartbeat) with the repository's gunicorn
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -140,12 +141,21 @@ def test_a_generator_slow_again_after_a_burst_costs_one_greenlet_again(
     wait_for(lambda: finished(app_service, "pattern") == before + 1, timeout=5)
 
 
-def test_http11_keepalives_are_whole_chunks(app_service: Service) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "first", "keepalive"),
+    [
+        pytest.param("sse", b'data: {"first":true}\n\n', b":\n", id="sse"),
+        pytest.param("ndjson", b'{"first":true}\n', b" ", id="ndjson"),
+        pytest.param("json-seq", b'\x1e{"first":true}\n', b"\x1e", id="json-seq"),
+    ],
+)
+def test_http11_keepalives_are_whole_chunks(
+    app_service: Service, fmt: str, first: bytes, keepalive: bytes
+) -> None:
     # Keep-alives written while the generator waits go straight to the socket: they must be
     # framed as gunicorn frames its own writes (chunked for HTTP/1.1).
-    sock = raw_get(
-        app_service, b"GET /blocked?format=sse HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
+    request = f"GET /blocked?format={fmt} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    sock = raw_get(app_service, request.encode())
     with sock:
         raw = read_for(sock, 2.6)
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -153,8 +163,8 @@ def test_http11_keepalives_are_whole_chunks(app_service: Service) -> None:
     assert b"transfer-encoding: chunked" in head.lower()
     chunks, rest = dechunk(body)
     assert rest == b""
-    assert chunks[0] == b'data: {"first":true}\n\n'
-    assert len(chunks) >= 3 and set(chunks[1:]) == {b":\n"}  # a keep-alive each heartbeat
+    assert chunks[0] == first
+    assert len(chunks) >= 3 and set(chunks[1:]) == {keepalive}  # a keep-alive each heartbeat
 
 
 def test_http10_keepalives_are_unframed_and_leaving_runs_finally(app_service: Service) -> None:
@@ -166,8 +176,9 @@ def test_http10_keepalives_are_unframed_and_leaving_runs_finally(app_service: Se
     assert head.startswith(b"HTTP/1.0 200")
     assert b"transfer-encoding" not in head.lower()
     first, _, keepalives = body.partition(b'{"first":true}\n')
-    assert first.strip(b"\n") == b""
-    assert len(keepalives) >= 2 and keepalives.strip(b"\n") == b""
+    assert first.strip(b" ") == b""
+    # NDJSON keep-alives: a space each, never a newline (no empty line for strict readers).
+    assert len(keepalives) >= 2 and keepalives.strip(b" ") == b""
     # The client left while the generator waited: it is interrupted there, its finally runs.
     wait_for(lambda: finished(app_service, "blocked") == before + 1, timeout=5)
     wait_for(lambda: open_streams(app_service) == 0)
@@ -220,3 +231,16 @@ def test_a_timeout_escaping_the_generator_is_its_error_event(
         {"first": True},
         {"error": {"code": "internal_error", "message": "the stream failed on the server"}},
     ]
+
+
+def test_a_strict_json_lines_reader_reads_a_stream_with_keepalives(app_service: Service) -> None:
+    # Events 1.5 s apart with a 1 s heartbeat: keep-alives go out between them. A strict JSON
+    # Lines reader (json.loads on every line, as jsonlines and ndjson.loads do) reads it all.
+    with requests.get(
+        app_service.url + "/pattern?spec=w3&wait=1.5&tag=strict", stream=True, timeout=(5, 10)
+    ) as resp:
+        body = resp.raw.read()
+    assert b" " in body  # keep-alives were sent (orjson writes no spaces of its own)
+    values = [json.loads(line) for line in body.split(b"\n")[:-1]]
+    assert [v["seq"] for v in values] == [0, 1, 2]
+    assert body.endswith(b"}\n")
