@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -202,9 +201,7 @@ class LogTail:
 
     def stream_ends(self, name: Callable[[str], bool]) -> list[tuple[str, str, int]]:
         """``(name, reason, events)`` of each "stream NAME ended" line whose name matches."""
-        return [
-            (m[1], m[2], int(m[3])) for m in self.ENDED.finditer(self.text()) if name(m[1])
-        ]
+        return [(m[1], m[2], int(m[3])) for m in self.ENDED.finditer(self.text()) if name(m[1])]
 
 
 # -- raw HTTP ---------------------------------------------------------------------------------
@@ -319,6 +316,8 @@ class NdjsonReader:
         self.headers = {"Accept": "application/x-ndjson", **(headers or {})}
         self.read_timeout = read_timeout
         self.items: list[Any] = []
+        #: when each item arrived (time.monotonic()), index for index
+        self.times: list[float] = []
         self.status = 0
         self.error = ""
         self.ended = threading.Event()
@@ -358,6 +357,7 @@ class NdjsonReader:
             self.status = response.status_code
             self.connected.set()
             if response.status_code != 200:
+                self.times.append(time.monotonic())
                 self.items.append({"status": response.status_code, "body": response.text[:500]})
                 return
             pending = b""
@@ -369,6 +369,7 @@ class NdjsonReader:
                 pending = lines.pop()
                 for line in lines:
                     if line.strip():
+                        self.times.append(time.monotonic())
                         self.items.append(json.loads(line))
         except Exception as exc:  # noqa: BLE001 - reported by the attack, never raised in a thread
             if not self._closing:
@@ -387,7 +388,3 @@ def chunks(data: bytes, size: int) -> Iterator[bytes]:
 def service_env(**env: str) -> dict[str, str]:
     """The environment every attacked service gets, plus ``env``: quick shutdowns, short beats."""
     return {"GRACEFUL_TIMEOUT": "3", "STREAM_HEARTBEAT": "1", **env}
-
-
-def quote(command: list[str]) -> str:
-    return " ".join(shlex.quote(part) for part in command)
