@@ -98,7 +98,12 @@ class Run:
         """Start ``gunicorn wsgi:app`` (gevent workers, 127.0.0.1, a free port) with ``env``."""
         environment = service_env(**env)
         if redis:
-            environment["REDIS_URL"] = self.redis().url
+            server = self.redis()
+            # Each attack starts from an empty Redis: no logs or jobs left by the one before.
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+                conn.sendall(b"FLUSHALL\r\n")
+                conn.recv(64)
+            environment["REDIS_URL"] = server.url
             environment.setdefault("WEB_CONCURRENCY", "2")
             worker_env = {**Service(self.tmp).env, **environment}
             log = self.tmp / f"procfile-worker-{len(self._workers)}.log"
