@@ -95,6 +95,9 @@ class RssWatch:
         self.baseline = rss_mib(pid) or 0.0
         self.peak = self.baseline
         self.tripped = False
+        self.started = time.monotonic()
+        #: seconds from the start of the watch to the guard's kill
+        self.tripped_after = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
 
@@ -111,9 +114,12 @@ class RssWatch:
         """Peak RSS above the baseline so far, in MiB."""
         return self.peak - self.baseline
 
-    def current_growth(self) -> float | None:
-        now = rss_mib(self.pid)
-        return None if now is None else now - self.baseline
+    def describe(self) -> str:
+        """ "RSS +N MiB", and the guard's kill if it came to that."""
+        text = f"RSS +{self.growth:,.0f} MiB"
+        if self.tripped:
+            text += f" (guard hit after {self.tripped_after:.1f} s: worker killed)"
+        return text
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -123,6 +129,7 @@ class RssWatch:
             self.peak = max(self.peak, now)
             if now - self.baseline > self.guard_mib:
                 self.tripped = True
+                self.tripped_after = time.monotonic() - self.started
                 try:
                     os.kill(self.pid, signal.SIGKILL)
                 except ProcessLookupError:
