@@ -717,7 +717,7 @@ def _resume_ahead_one(run: Run, redis: bool) -> Row:
             nonlocal n
             n += 1
             publish(svc, channel, {"n": n})
-            return any(isinstance(i.get("data"), dict) for i in reader.items)
+            return any(i.get("event") == "message" for i in reader.items)
 
         wait_until(delivered, patience, interval=0.5)
         kinds = [i.get("event") for i in reader.items]
@@ -725,7 +725,8 @@ def _resume_ahead_one(run: Run, redis: bool) -> Row:
     values = kinds.count("message")
     return Row(
         f"8 resume-ahead {'redis' if redis else 'memory'}",
-        f"subscribe with Last-Event-ID: {ahead}, then publish every 0.5 s for {patience} s",
+        f"subscribe with Last-Event-ID: {ahead}, then publish every 0.5 s until a value "
+        f"arrives (<= {patience} s)",
         f"200; received {', '.join(kinds[:3]) or 'nothing'}"
         + (" ..." if len(kinds) > 3 else "")
         + f" ({values} values of {n} published)",
