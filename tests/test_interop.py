@@ -597,6 +597,7 @@ def test_requests_sse_stops_after_a_job_ends(ours: Service) -> None:
                 for event in source:
                     events.append(seen(event.type, event.data or "", event.last_event_id))
             except requests_sse.InvalidStatusCodeError as exc:
+                exc.response.close()  # requests-sse leaves the refused response open
                 return exc
         return None
 
