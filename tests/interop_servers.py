@@ -117,8 +117,6 @@ def add_routes(app: FastAPI) -> None:
                     await asyncio.sleep(interval)
                 yield ServerSentEvent(data=json.dumps({"n": i}), id=str(i))
                 if first_connection and i == cut_after:
-                    # Give the bytes of the last event time to leave, then drop the connection.
-                    await asyncio.sleep(0.1)
                     raise Cut(f"cut after event {i}")
 
         return EventSourceResponse(events())
