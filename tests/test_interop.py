@@ -195,7 +195,7 @@ def make_source(svc: Service, name: str) -> Source:
         return Source(name, svc.url + "/events?count=3&interval=0.5", SEED)
     if name == "job":
         url = start_job(svc)
-        # The job's log is the truth: read it through once (its NDJSON envelopes hold the ids).
+        # The ids are the service's to choose: ``check_job`` checks the envelopes' shape.
         return Source(name, url, [])
     channel = unique("interop")
     values = [{"n": 1}, {"n": 2, "text": "é ✓"}, {"n": 3, "list": [1.5, None, True]}]
