@@ -101,6 +101,8 @@ def on_starting(server: Server) -> None:
     global _metrics_dir
     existing = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
     if existing:
+        # prometheus-client writes there but never creates it: a worker would fail to boot.
+        os.makedirs(existing, exist_ok=True)
         server.log.info("metrics: shared by the workers in %s", existing)
         return
     if importlib.util.find_spec("prometheus_client") is None:

@@ -6,14 +6,12 @@ purpose) and reads what it logged.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import requests
@@ -119,7 +117,8 @@ def test_redis_reachable_is_logged_before_workers_fork(
     # from it would inherit redis' retry sleeping through gevent's loop. The workers import it.
     assert svc.proc is not None
     assert "hiredis" not in _mapped(svc.proc.pid)
-    assert all("hiredis" in _mapped(pid) for pid in svc.worker_pids())
+    # (the second worker may still be importing the app)
+    wait_for(lambda: all("hiredis" in _mapped(pid) for pid in svc.worker_pids()), 20)
 
 
 class _Booting(Service):
@@ -145,51 +144,3 @@ def test_redis_unreachable_is_logged_and_the_service_still_starts(tmp_path: Path
         assert status == 503
     finally:
         svc.stop()
-
-
-def _conf() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "service_gunicorn_conf", ROOT / "gunicorn.conf.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
-        ("rediss://user:p%40ss@host/1", "rediss://user:***@host/1"),
-    ],
-)
-def test_the_redis_url_is_logged_without_its_password(url: str, shown: str) -> None:
-    assert _conf()._redacted(url) == shown
-
-
-def test_ping_is_resp() -> None:
-    assert _conf()._command("AUTH", "u", "pässword") == (
-        b"*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$9\r\np\xc3\xa4ssword\r\n"
-    )
-
-
-def test_stream_gunicorn_star_brings_only_hooks_and_settings() -> None:
-    code = "from stream.gunicorn import *\nprint(sorted(n for n in dir() if not n.startswith('_')))"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
-    ).stdout
-    assert out.strip() == str(
-        sorted(
-            [
-                "child_exit",
-                "on_exit",
-                "on_starting",
-                "post_fork",
-                "post_worker_init",
-                "worker_class",
-                "worker_exit",
-            ]
-        )
-    )
