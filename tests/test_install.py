@@ -2,9 +2,9 @@
 
 The wheel is built once from a copy of the sources (never from the working tree's own
 ``build/``, which can hold modules deleted since). The runtime set pinned in requirements.txt is
-downloaded once into a wheelhouse; each virtualenv then installs the wheel with one extra,
-offline, from there. Each environment runs from a temporary directory, so ``import stream``
-finds the installed package and never this repository's.
+downloaded once into a wheelhouse (kept in ``~/.cache`` for later runs); each virtualenv then
+installs the wheel with one extra, offline, from there. Each environment runs from a temporary
+directory, so ``import stream`` finds the installed package and never this repository's.
 
 The server test runs a user's own Flask app (written here, not this repository's ``app.py``)
 under ``gunicorn -k gevent -c <a config that does from stream.gunicorn import *>``, and stops it
@@ -13,6 +13,7 @@ with SIGTERM while a stream is open.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ HINT = "pip install '" + DIST + "[{}]'"
 #: far above how long a clean shutdown takes: a master still waiting for its workers at this
 #: point is waiting out graceful_timeout, which is what the shutdown hooks exist to avoid
 GRACEFUL_TIMEOUT = 60
+#: what pyproject.toml's [build-system] requires
+BUILD_BACKEND = "setuptools>=68"
 
 
 def _run(args: list[str | Path], timeout: float = 240, **kwargs: object) -> str:
@@ -60,22 +63,18 @@ def _clean_env(venv: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel, built from a copy of what the distribution is made of."""
-    src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "stream", src / "stream", ignore=shutil.ignore_patterns("__pycache__"))
-    out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, src])
-    (built,) = out.glob("*.whl")
-    return built
-
-
-@pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The pinned runtime set (requirements.txt) and its dependencies, downloaded once."""
-    house = tmp_path_factory.mktemp("wheelhouse")
+    """The pinned runtime set (requirements.txt), its dependencies and the build backend.
+
+    Kept in the user's cache directory, one per content of requirements.txt, so later runs
+    need no network at all.
+    """
+    pins = (ROOT / "requirements.txt").read_bytes() + BUILD_BACKEND.encode()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    house = cache / "flask-json-stream-tests" / hashlib.sha256(pins).hexdigest()[:16]
+    if (house / "complete").exists():
+        return house
+    partial = tmp_path_factory.mktemp("wheelhouse")
     _run(
         [
             sys.executable,
@@ -84,13 +83,37 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "download",
             "-q",
             "-d",
-            house,
+            partial,
             "-r",
             ROOT / "requirements.txt",
+            BUILD_BACKEND,
         ],
         timeout=280,
     )
+    (partial / "complete").write_text("")
+    house.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(house, ignore_errors=True)
+    shutil.copytree(partial, house)
     return house
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
+    """The wheel, built from a copy of what the distribution is made of."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "stream", src / "stream", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path_factory.mktemp("dist")
+    _run(
+        [
+            sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out,
+            "--no-index", "--find-links", wheelhouse,  # the build backend, from there too
+            src,
+        ]
+    )  # fmt: skip
+    (built,) = out.glob("*.whl")
+    return built
 
 
 @pytest.fixture(scope="module")
