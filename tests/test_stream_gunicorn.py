@@ -216,3 +216,19 @@ def test_metrics_stay_per_worker_when_prometheus_is_already_loaded(
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     assert [lvl for lvl, _ in server.log.lines] == ["warning"]
     hooks.child_exit(server, FakeWorker())  # no directory: nothing to forget
+
+
+def test_the_master_imports_nothing_but_the_standard_library() -> None:
+    # What gunicorn's master loads with the config file: gevent must patch the workers first,
+    # and the app, Flask, redis-py and prometheus-client belong to the workers.
+    code = (
+        "import sys\nfrom stream.gunicorn import *\n"
+        "bad = ['flask', 'werkzeug', 'gevent', 'greenlet', 'redis', 'requests', 'httpx',\n"
+        "       'prometheus_client', 'app', 'wsgi', 'stream.server', 'stream.metrics']\n"
+        "print(','.join(sorted(n for n in bad if n in sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
