@@ -34,8 +34,9 @@ work to a hook, call this module's from yours::
         stream_gunicorn.post_worker_init(worker)
         ...  # yours
 
-The master imports this module with the config file: it imports only the standard library
-(gevent patches the workers after the fork; Flask, the app and prometheus-client belong there).
+The master imports this module with the config file: it imports the standard library and the
+package's core (orjson) only. gevent patches the workers after the fork; Flask, the app, redis-py
+and prometheus-client belong to the workers.
 """
 
 from __future__ import annotations
