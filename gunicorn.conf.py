@@ -1,56 +1,114 @@
 """gunicorn settings for the service, every one read from the environment (``gunicorn wsgi:app``).
 
-Imports only the standard library at load time: the app (and gevent's patching) belong to the
-workers, never to the master.
+The clean shutdown, the memory settings and the metrics shared by the workers come from
+``stream.gunicorn``, as they would in any app's config; what is here is the service's own. Every
+value is read and checked once, here: a bad one stops the start with one line naming the
+variable. Imports only the standard library and ``stream.gunicorn`` (standard library and
+orjson): the app, gevent's patching and redis-py belong to the workers, never to the master.
 """
 
 import os
+import socket
+import ssl
+import sys
+from urllib.parse import parse_qs, unquote, urlsplit
 
-_redis_url = os.environ.get("REDIS_URL")
+from stream import gunicorn as stream_gunicorn
+from stream.gunicorn import *  # noqa: F403 - worker_class and the hooks chained below
+
+
+def _fail(name, value, expected):
+    # One line on stderr and exit status 1: gunicorn lets SystemExit out of its config loading.
+    sys.exit(f"gunicorn.conf.py: {name}={value!r} is not valid: expected {expected}")
+
+
+def _int(name, default, minimum, maximum=None, what="an integer"):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        _fail(name, raw, f"{what}, {bounds}")
+    return value
+
+
+def _redis_url():
+    raw = os.environ.get("REDIS_URL", "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        _fail("REDIS_URL", raw, "redis://[:password@]host[:port][/db], rediss://... or unix://path")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        _fail("REDIS_URL", raw, "a port number after the host")
+    return raw
+
+
+_redis = _redis_url()
 
 # Heroku-style platforms give the port in $PORT; 8000 on a laptop.
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-
-# One greenlet per connection: a process holds thousands of open streams.
-worker_class = "gevent"
+bind = f"0.0.0.0:{_int('PORT', 8000, 1, 65535, 'a TCP port number')}"
 
 # The in-process broker lives in one process: several workers would each see a different set of
 # channels and jobs. With Redis every worker sees every log, so the platform's value is used.
-workers = int(os.environ.get("WEB_CONCURRENCY", "2")) if _redis_url else 1
+# (gunicorn itself reads WEB_CONCURRENCY too, before this file: a value that is not a number
+# stops it with its own traceback.)
+_web_concurrency = _int("WEB_CONCURRENCY", 2, 1, what="a whole number of workers")
+workers = _web_concurrency if _redis else 1
 
 # Streams a worker holds at once. The app answers 503 + Retry-After above STREAM_MAX_STREAMS
 # (default 10,000); gunicorn's own limit (1,000 by default) must sit above that, or connections
 # would wait in the accept queue without an answer. The margin serves /healthz and publishes.
-worker_connections = int(os.environ.get("STREAM_MAX_STREAMS", "10000")) + 1000
-
-# gevent records, for every greenlet, the frames that spawned it (for debugging): ~1 KiB of
-# frame objects per open stream that nothing here reads. Workers inherit this environment.
-os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "0")
+worker_connections = _int("STREAM_MAX_STREAMS", 10000, 1, what="a whole number of streams") + 1000
 
 # Importing the app before the fork would import it before gevent patches the worker.
 preload_app = False
 
-# The master kills a worker that has not notified it for this long; gevent workers notify from
-# their own loop, so open streams never trip it.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+# The master kills a worker that has not notified it for this long (0: never); gevent workers
+# notify from their own loop, so open streams never trip it.
+timeout = _int("GUNICORN_TIMEOUT", 30, 0, what="a whole number of seconds")
 
-# On SIGTERM/SIGHUP a worker has this long to finish; the hook below ends every stream at once,
-# so this is a bound, not a wait. Heroku sends SIGKILL 30 s after SIGTERM: stay below that.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "20"))
+# On SIGTERM/SIGHUP a worker has this long to finish; stream.gunicorn's hook ends every stream at
+# once, so this is a bound, not a wait. Heroku sends SIGKILL 30 s after SIGTERM: stay below that.
+graceful_timeout = _int("GRACEFUL_TIMEOUT", 20, 0, what="a whole number of seconds")
 
-# The retry: hint (seconds) a stopping worker's SSE streams get: at least STREAM_SHUTDOWN_RETRY,
+
+def _seconds(name, default):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        _fail(name, raw, "a number of seconds from 0 to 3600")
+    return value
+
+
+# The retry: hint a stopping worker's SSE streams get: at least STREAM_SHUTDOWN_RETRY seconds,
 # plus a random share of STREAM_SHUTDOWN_RETRY_WINDOW per stream. The base outlasts a full
 # restart behind a single-upstream proxy (whose 502 an EventSource never retries); the window
 # keeps a worker's clients from all coming back in the same second. See stream/server.py.
-_shutdown_retry_ms = round(float(os.environ.get("STREAM_SHUTDOWN_RETRY", "3")) * 1000)
-_shutdown_retry_window_ms = round(float(os.environ.get("STREAM_SHUTDOWN_RETRY_WINDOW", "7")) * 1000)
+stream_gunicorn.shutdown_retry_ms = round(_seconds("STREAM_SHUTDOWN_RETRY", 3.0) * 1000)
+stream_gunicorn.shutdown_retry_window_ms = round(
+    _seconds("STREAM_SHUTDOWN_RETRY_WINDOW", 7.0) * 1000
+)
 
 # Idle keep-alive connections between requests (streams hold theirs while they last).
-keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
+keepalive = _int("GUNICORN_KEEPALIVE", 5, 0, what="a whole number of seconds")
 
 # Logs go to stdout/stderr, where platforms collect them.
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-")
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = os.environ.get("LOG_LEVEL", "info").strip().lower()
+if loglevel not in ("debug", "info", "warning", "error", "critical"):
+    _fail("LOG_LEVEL", os.environ["LOG_LEVEL"], "debug, info, warning, error or critical")
 # The stream library logs which stream ended and why: show it with gunicorn's handlers.
 logconfig_dict = {
     "version": 1,
@@ -76,92 +134,93 @@ logconfig_dict = {
 control_socket_disable = True
 
 
-def on_starting(server):
-    """Refuse to split the in-process broker across workers, and say which broker runs."""
-    if _redis_url:
-        server.log.info("broker: Redis Streams; %d workers", server.cfg.workers)
-    else:
-        if server.cfg.workers > 1:
-            server.log.warning(
-                "REDIS_URL is unset: the in-process broker works in one worker only; "
-                "running 1 worker instead of %d",
-                server.cfg.workers,
-            )
-            server.cfg.set("workers", 1)
-        server.log.info("broker: in-process (one worker); set REDIS_URL for more")
+def nworkers_changed(server, new_value, old_value):
+    """Without Redis, hold the worker count at one, whatever -w, WEB_CONCURRENCY or TTIN ask.
 
-
-def pre_exec(server):
-    """Re-execute a master started as ``python -m gunicorn`` the same way on USR2.
-
-    gunicorn re-executes ``sys.executable`` with ``sys.argv``, whose first item is then the path
-    of gunicorn/__main__.py: run as a script, it would put gunicorn's own directory first on
-    sys.path, where its ``http`` package hides the standard library's, and the new master would
-    fail to load the app (the old one keeps serving, but the upgrade never happens).
+    gunicorn calls this each time it sets its worker count: when it reads the configuration
+    (the command line's -w included), on a reload, on SIGTTIN. Setting it back here comes
+    before any worker forks; on_starting would be too late (the arbiter has the count by then).
     """
-    args = server.START_CTX["args"]
-    script = os.path.normpath(args[1]) if len(args) > 1 else ""
-    if script.endswith(os.path.join("gunicorn", "__main__.py")):
-        args[1:2] = ["-m", "gunicorn"]
-
-
-def post_fork(server, worker):
-    """Let glibc return large freed blocks (big events, coalesced writes) to the system.
-
-    glibc raises its mmap threshold as large blocks are freed, after which big event payloads
-    come from the heap and fragment it: a worker that streamed 20 MB of 10 KB events kept
-    growing even after the data was gone. A fixed threshold maps such blocks and unmaps them on
-    free. Skipped where the C library is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3  # glibc's malloc.h
-        libc.mallopt(m_mmap_threshold, 32 * 1024)
-    except (OSError, AttributeError):
-        server.log.debug("mallopt unavailable; keeping the C library's defaults")
-
-
-def post_worker_init(worker):
-    """Watch for the worker's stop (SIGTERM, SIGHUP reload) and end every open stream then.
-
-    gunicorn would otherwise wait graceful_timeout and kill the streams mid-body, without running
-    their ``finally``. gevent's workers only flip ``worker.alive`` on SIGTERM, so poll it.
-    """
-    import gevent
-
-    from stream.server import inline_keepalives, shutdown_streams
-
-    if getattr(worker.cfg, "protocol", "http") != "http":
-        # uwsgi: bodies are not HTTP-chunked, so streams must not frame keep-alives themselves.
-        inline_keepalives(False)
-
-    def watch():
-        while worker.alive:
-            gevent.sleep(0.1)
-        ended = shutdown_streams(_shutdown_retry_ms, _shutdown_retry_window_ms)
-        worker.log.info("worker %s stopping: ended %d open streams", worker.pid, ended)
-
-    gevent.spawn(watch)
-
-
-def worker_exit(server, worker):
-    """Close the app's broker as the worker exits: the Redis reader stops, connections close.
-
-    Runs in the worker after its loop ended (streams already ended by the hook above). The
-    worker imported ``wsgi`` itself (no preload_app), so reaching it here imports nothing new.
-    """
-    import sys
-
-    wsgi = sys.modules.get("wsgi")
-    broker = getattr(getattr(wsgi, "app", None), "extensions", {}).get("stream.broker")
-    if broker is None:
+    if _redis or new_value is None or new_value <= 1:
         return
-    try:
-        broker.close()
-    except Exception:  # noqa: BLE001 - exiting anyway: say so, never hang or crash the exit
-        worker.log.exception("worker %s exiting: closing the broker failed", worker.pid)
+    server.log.warning(
+        "REDIS_URL is unset: the in-process broker works in one worker only; "
+        "running 1 worker instead of %d",
+        new_value,
+    )
+    server.cfg.set("workers", 1)  # a reload spawns cfg.workers new workers
+    server._num_workers = 1  # the property's setter would call this hook again
+
+
+def on_starting(server):
+    """Say which broker runs, and whether Redis answers, before any worker forks."""
+    stream_gunicorn.on_starting(server)
+    if not _redis:
+        server.log.info("broker: in-process (one worker); set REDIS_URL for more")
+        return
+    server.log.info("broker: Redis Streams; %d workers", server.num_workers)
+    problem = _ping_redis(_redis)
+    if problem is None:
+        server.log.info("broker: Redis at %s is reachable", _redacted(_redis))
     else:
-        worker.log.info("worker %s exiting: closed the broker", worker.pid)
+        # Not fatal: workers answer 503 + Retry-After until it is back, and /healthz says so.
+        server.log.warning("broker: Redis at %s is unreachable: %s", _redacted(_redis), problem)
+
+
+def _redacted(url):
+    """The URL without its password, for the log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{netloc}").geturl()
+
+
+def _ping_redis(url, timeout=2.0):
+    """PING Redis over a plain socket; None if it answered PONG, else what went wrong.
+
+    redis-py stays out of the master: its retry module binds time.sleep at import, and workers
+    forked from a master that imported it would sleep through gevent's loop.
+    """
+    parts = urlsplit(url)
+    try:
+        if parts.scheme == "unix":
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(timeout)
+            conn.connect(parts.path)
+        else:
+            host = parts.hostname or "localhost"
+            conn = socket.create_connection((host, parts.port or 6379), timeout=timeout)
+            if parts.scheme == "rediss":
+                context = ssl.create_default_context()
+                reqs = parse_qs(parts.query).get("ssl_cert_reqs", [""])[0].lower()
+                if reqs in ("none", "cert_none"):
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                conn = context.wrap_socket(conn, server_hostname=host)
+        with conn:
+            reader = conn.makefile("rb")
+            if parts.password is not None:
+                auth = [unquote(parts.password)]
+                if parts.username:
+                    auth.insert(0, unquote(parts.username))
+                conn.sendall(_command("AUTH", *auth))
+                reply = reader.readline()
+                if not reply.startswith(b"+OK"):
+                    return "AUTH refused: " + reply.decode(errors="replace").strip()
+            conn.sendall(_command("PING"))
+            reply = reader.readline()
+    except (OSError, ssl.SSLError) as exc:
+        return str(exc) or type(exc).__name__
+    if reply.startswith(b"+PONG"):
+        return None
+    return "PING answered " + (reply.decode(errors="replace").strip() or "nothing")
+
+
+def _command(*args):
+    """A command in RESP, Redis' wire format."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from ._version import __version__ as __version__
 from .event import Envelope, Event
 
 if TYPE_CHECKING:
@@ -26,7 +27,12 @@ def __getattr__(name: str) -> Any:
     # Importing a pure module (stream.sse, say) runs this package first: keep requests and Flask
     # out of it until they are asked for.
     if name in ("Client", "Stream"):
-        from . import client
+        try:
+            from . import client
+        except ModuleNotFoundError as exc:
+            from ._extras import missing
+
+            raise missing("client", exc) from exc
 
         return getattr(client, name)
     if name == "stream_response":

@@ -29,8 +29,14 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mappin
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
-import httpx
 import orjson
+
+try:
+    import httpx
+except ModuleNotFoundError as exc:
+    from ._extras import missing
+
+    raise missing("aio", exc) from exc
 
 from .errors import ConnectionLost, HTTPStatusError, StreamError, StreamTimeout
 from .event import Event

@@ -49,7 +49,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
-from flask import Response, request, stream_with_context
+
+try:
+    from flask import Response, request, stream_with_context
+except ModuleNotFoundError as exc:
+    from ._extras import missing
+
+    raise missing("flask", exc) from exc
 
 from . import metrics
 from .encoders import Encoder, encoder_for

@@ -1,0 +1,225 @@
+"""gunicorn hooks and settings for an app that streams: ``from stream.gunicorn import *``.
+
+In your own ``gunicorn.conf.py``::
+
+    from stream.gunicorn import *  # noqa: F403
+
+    bind = "0.0.0.0:8000"
+    graceful_timeout = 20  # a bound, not a wait: streams end as soon as the worker stops
+
+``import *`` brings only what ``__all__`` lists:
+
+- ``worker_class = "gevent"``: one greenlet per connection, so a worker holds thousands of
+  open streams (``-k`` on the command line, or an assignment after the import, overrides it);
+- ``post_worker_init``: when the worker is told to stop (SIGTERM, SIGHUP, SIGINT, a
+  max-requests restart) every open stream ends at once and cleanly: a complete HTTP body (SSE
+  first gets a ``retry:`` hint), the generator's ``finally`` runs, and the worker exits without
+  waiting out ``graceful_timeout``. Under ``--protocol uwsgi`` it also stops streams from
+  writing keep-alives themselves (bodies are not HTTP-chunked there);
+- ``worker_exit``: closes the broker a Flask app keeps in ``app.extensions["stream.broker"]``;
+- ``post_fork``: glibc returns large freed blocks (big events) to the system;
+- ``on_starting``, ``child_exit``, ``on_exit``: with prometheus-client installed, a temporary
+  ``PROMETHEUS_MULTIPROC_DIR`` the workers share, so ``stream.metrics.render()`` describes every
+  worker, whichever answers (an existing ``PROMETHEUS_MULTIPROC_DIR`` is used as it is);
+- and, in the environment the workers inherit, ``GEVENT_TRACK_GREENLET_TREE=0`` (gevent would
+  otherwise keep ~1 KiB of spawn frames per open stream, for debugging).
+
+gunicorn keeps one function per hook: the last definition in the file wins. To add your own
+work to a hook, call this module's from yours::
+
+    from stream import gunicorn as stream_gunicorn
+    from stream.gunicorn import *  # noqa: F403
+
+    def post_worker_init(worker):
+        stream_gunicorn.post_worker_init(worker)
+        ...  # yours
+
+The master imports this module with the config file: it imports the standard library and the
+package's core (orjson) only. gevent patches the workers after the fork; Flask, the app, redis-py
+and prometheus-client belong to the workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Protocol
+
+__all__ = [
+    "child_exit",
+    "on_exit",
+    "on_starting",
+    "post_fork",
+    "post_worker_init",
+    "pre_exec",
+    "worker_class",
+    "worker_exit",
+]
+
+#: prometheus-client reads it once, when first imported: set before any worker starts
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+#: how often the watch looks at ``worker.alive`` (gevent's workers only flip it on SIGTERM)
+WATCH_INTERVAL = 0.1
+
+worker_class = "gevent"
+
+#: the ``retry:`` hint (ms) of a stopping worker's SSE streams, plus a random share of the
+#: window per stream; None: stream.server's defaults (a config file may set these)
+shutdown_retry_ms: int | None = None
+shutdown_retry_window_ms: int | None = None
+
+os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "0")
+
+#: the metrics directory this module created (and removes on exit); None if it made none
+_metrics_dir: str | None = None
+
+
+class Log(Protocol):
+    def info(self, msg: str, *args: Any) -> None: ...
+    def warning(self, msg: str, *args: Any) -> None: ...
+    def debug(self, msg: str, *args: Any) -> None: ...
+    def exception(self, msg: str, *args: Any) -> None: ...
+
+
+class Server(Protocol):
+    """What the hooks use of gunicorn's Arbiter."""
+
+    log: Log
+    cfg: Any
+    START_CTX: dict[Any, Any]
+
+
+class Worker(Protocol):
+    """What the hooks use of a gunicorn worker."""
+
+    alive: bool
+    pid: int
+    log: Log
+    cfg: Any
+
+
+def on_starting(server: Server) -> None:
+    """Give the workers a shared directory for their metrics before the first one forks."""
+    global _metrics_dir
+    existing = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+    if existing:
+        # prometheus-client writes there but never creates it: a worker would fail to boot.
+        os.makedirs(existing, exist_ok=True)
+        server.log.info("metrics: shared by the workers in %s", existing)
+        return
+    if importlib.util.find_spec("prometheus_client") is None:
+        return
+    if "prometheus_client" in sys.modules:
+        # Imported in the master already (preload_app, or the config file): its metrics chose
+        # per-process values, and the workers inherit that choice.
+        server.log.warning(
+            "metrics: prometheus_client was imported before the workers' directory was set; "
+            "each worker reports its own figures (set %s yourself to share them)",
+            MULTIPROCESS_DIR_VARIABLE,
+        )
+        return
+    _metrics_dir = tempfile.mkdtemp(prefix="stream-metrics-")
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = _metrics_dir
+    server.log.info("metrics: shared by the workers in %s", _metrics_dir)
+
+
+def child_exit(server: Server, worker: Worker) -> None:
+    """Forget an exited worker's live gauges (its open streams are closed, so they do not count).
+
+    What ``prometheus_client.multiprocess.mark_process_dead`` does, without importing
+    prometheus-client into the master (the workers it forks later would inherit it unpatched).
+    """
+    path = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+    if not path:
+        return
+    for name in glob.glob(os.path.join(path, f"gauge_live*_{worker.pid}.db")):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+
+
+def on_exit(server: Server) -> None:
+    """Remove the metrics directory this module created."""
+    if _metrics_dir is not None:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+
+def post_fork(server: Server, worker: Worker) -> None:
+    """Let glibc return large freed blocks (big events, coalesced writes) to the system.
+
+    glibc raises its mmap threshold as large blocks are freed, after which big event payloads
+    come from the heap and fragment it: a worker that streamed 20 MB of 10 KB events kept
+    growing even after the data was gone. A fixed threshold maps such blocks and unmaps them on
+    free. Skipped where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3  # glibc's malloc.h
+        libc.mallopt(m_mmap_threshold, 32 * 1024)
+    except (OSError, AttributeError):
+        server.log.debug("mallopt unavailable; keeping the C library's defaults")
+
+
+def post_worker_init(worker: Worker) -> None:
+    """Watch for the worker's stop and end every open stream then.
+
+    gunicorn would otherwise wait ``graceful_timeout`` and kill the streams mid-body, without
+    running their ``finally``. Workers only flip ``worker.alive`` when told to stop, so the
+    watch polls it: in a greenlet under gevent (which patched ``threading`` and ``time`` before
+    this hook runs), in a daemon thread under the thread-based workers.
+    """
+    from .server import inline_keepalives, shutdown_streams
+
+    if getattr(worker.cfg, "protocol", "http") != "http":
+        # uwsgi: bodies are not HTTP-chunked, so streams must not frame keep-alives themselves.
+        inline_keepalives(False)
+
+    def watch() -> None:
+        while worker.alive:
+            time.sleep(WATCH_INTERVAL)
+        ended = shutdown_streams(shutdown_retry_ms, shutdown_retry_window_ms)
+        worker.log.info("worker %s stopping: ended %d open streams", worker.pid, ended)
+
+    threading.Thread(target=watch, name="stream-shutdown-watch", daemon=True).start()
+
+
+def pre_exec(server: Server) -> None:
+    """Re-execute a master started as ``python -m gunicorn`` the same way on USR2.
+
+    gunicorn re-executes ``sys.executable`` with ``sys.argv``, whose first item is then the path
+    of gunicorn/__main__.py: run as a script, it would put gunicorn's own directory first on
+    sys.path, where its ``http`` package hides the standard library's, and the new master would
+    fail to load the app (the old one keeps serving, but the upgrade never happens).
+    """
+    args = server.START_CTX["args"]
+    script = os.path.normpath(args[1]) if len(args) > 1 else ""
+    if script.endswith(os.path.join("gunicorn", "__main__.py")):
+        args[1:2] = ["-m", "gunicorn"]
+
+
+def worker_exit(server: Server, worker: Worker) -> None:
+    """Close the app's broker as the worker exits: a Redis reader stops, connections close.
+
+    Runs in the worker after its loop ended (the streams already ended). The broker is the one
+    a Flask app keeps in ``app.extensions["stream.broker"]``; other apps have nothing to close.
+    """
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", None)
+    broker = extensions.get("stream.broker") if isinstance(extensions, dict) else None
+    if broker is None:
+        return
+    try:
+        broker.close()
+    except Exception:  # noqa: BLE001 - exiting anyway: say so, never hang or crash the exit
+        worker.log.exception("worker %s exiting: closing the broker failed", worker.pid)
+    else:
+        worker.log.info("worker %s exiting: closed the broker", worker.pid)
