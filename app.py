@@ -562,6 +562,10 @@ class Job:
 
     def _publish(self, batch: list[tuple[str, bytes]]) -> None:
         ids: list[str] = self._call(self.jobs.broker.publish, self.key, batch)
+        if self.last_id is None:
+            # The log exists only now: put it on the lease too (a log without an expiry would
+            # outlive a worker killed before the next renewal).
+            self._renew_at = 0.0
         self.last_id = ids[-1]
         self._renew()
 
@@ -622,6 +626,12 @@ class Job:
             broker.set_meta(self.key, self.meta(status, error=error), ttl=self.jobs.ttl)
         except Exception as exc:  # noqa: BLE001 - best effort, whatever the broker raises
             log.warning("job %s: could not record status %s (%s); it expires", self.id, status, exc)
+            try:
+                # Writes may fail where expiries still work (Redis out of memory refuses SET,
+                # not PEXPIRE): make sure the log expires with the running status.
+                broker.expire(self.key, self.jobs.lease)
+            except Exception as exc2:  # noqa: BLE001 - the lease set earlier still holds
+                log.warning("job %s: could not set its expiry either (%s)", self.id, exc2)
 
 
 class Jobs:
