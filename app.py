@@ -490,7 +490,7 @@ class Job:
     the last entry of its log, and expires with the job's TTL.
     """
 
-    __slots__ = ("jobs", "id", "key", "count", "last_id", "_failing_since", "_renew_at")
+    __slots__ = ("jobs", "id", "key", "count", "last_id", "ended", "_failing_since", "_renew_at")
 
     def __init__(self, jobs: Jobs, job_id: str, count: int) -> None:
         self.jobs = jobs
@@ -499,6 +499,8 @@ class Job:
         self.count = count
         #: id of the last entry this job got into its log
         self.last_id: str | None = None
+        #: whether a final status was written (or attempted): nothing may renew "running" then
+        self.ended = False
         #: since when every broker call failed (monotonic), None while it works
         self._failing_since: float | None = None
         self._renew_at = time.monotonic() + jobs.lease / 4
@@ -549,7 +551,11 @@ class Job:
         if batch:
             self._publish(batch)
         self._publish([("end", b'{"status":"done"}')])
-        self._call(self.jobs.broker.set_meta, self.key, self.meta("done"), self.jobs.ttl)
+        self.ended = True
+        # Even while the service stops: the job is done, its status must say so.
+        self._call(
+            self.jobs.broker.set_meta, self.key, self.meta("done"), self.jobs.ttl, stop=False
+        )
 
     def _sleep(self, seconds: float) -> None:
         """Wait between events, renewing the lease (intervals may be longer than the lease)."""
@@ -571,7 +577,7 @@ class Job:
 
     def _renew(self) -> None:
         now = time.monotonic()
-        if now < self._renew_at:
+        if now < self._renew_at or self.ended or self.jobs.stopping:
             return
         self._renew_at = now + self.jobs.lease / 4
         try:
@@ -594,11 +600,14 @@ class Job:
             raise BrokerGaveUp(str(exc)) from exc
         return left
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``, retried while the broker is unavailable, for at most broker_timeout."""
+    def _call(self, fn: Callable[..., Any], *args: Any, stop: bool = True) -> Any:
+        """``fn(*args)``, retried while the broker is unavailable, for at most broker_timeout.
+
+        ``stop``: raise ``JobStopped`` instead of calling once the service is stopping.
+        """
         delay = 0.05
         while True:
-            if self.jobs.stopping:
+            if stop and self.jobs.stopping:
                 raise JobStopped
             try:
                 result = fn(*args)
@@ -615,6 +624,9 @@ class Job:
         One attempt each: when the broker fails, the running status keeps its lease and
         expires, and the job's readers end with ``job_lost`` instead.
         """
+        if self.ended:
+            return
+        self.ended = True
         error = {"code": code, "message": message}
         broker = self.jobs.broker
         try:
