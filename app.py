@@ -225,10 +225,15 @@ _FORWARDED_FOR_RE = re.compile(r'(?:^|;)\s*for\s*=\s*("[^"]*"|[^;,\s]*)', re.IGN
 
 
 def _is_loopback(address: str | None) -> bool:
+    if address is None:
+        return False
     try:
-        return address is not None and ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    # A dual-stack socket ([::]) reports IPv4 clients as ::ffff:a.b.c.d.
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _node_is_loopback(node: str) -> bool:
@@ -368,6 +373,10 @@ def read_body(limit: int, timeout: float) -> bytes:
         # Too big to even read and throw away: answer at once and close the connection.
         request.environ[_CLOSE] = True
         raise too_large
+    incomplete = BadRequest(
+        "the request body ended before it was complete (the connection was cut)",
+        code="incomplete_body",
+    )
     try:
         body, total, ended = _read_input(limit, drain, timeout)
     except TimeoutError:
@@ -377,6 +386,15 @@ def read_body(limit: int, timeout: float) -> bytes:
             code="request_timeout",
             status=408,
         ) from None
+    except OSError:
+        # gunicorn's chunked reader raises at a premature end (NoMoreData is an IOError).
+        request.environ[_CLOSE] = True
+        raise incomplete from None
+    if length is not None and ended and total < length:
+        # gunicorn's Content-Length reader returns a body cut short as if it were whole:
+        # publishing it would publish part of a batch.
+        request.environ[_CLOSE] = True
+        raise incomplete
     if total > limit:
         # Read to its end (the client is then not reset while it still sends) and refused.
         if not ended:

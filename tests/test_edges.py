@@ -167,6 +167,27 @@ def test_huge_content_length_is_refused_before_the_body(edge_service: Service) -
         assert closed_by_server(sock)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_cut_short_publishes_nothing(edge_service: Service, chunked: bool) -> None:
+    # Three whole lines, then the client stops sending before the body is complete.
+    channel = unique("cut")
+    before = publish_one(edge_service.url, channel, {"marker": "before"})
+    lines = b'{"a": 1}\n{"a": 2}\n{"a": 3}\n'
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: 2000"
+    body = b"%x\r\n%s\r\n" % (len(lines), lines) if chunked else lines
+    with socket.create_connection(("127.0.0.1", edge_service.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /channels/" + channel.encode() + b" HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/x-ndjson\r\n" + framing + b"\r\n\r\n" + body
+        )
+        sock.shutdown(socket.SHUT_WR)
+        status, _, data = read_response(sock, 10)
+    assert status == 400
+    assert orjson.loads(data)["error"]["code"] == "incomplete_body"
+    after = publish_one(edge_service.url, channel, {"marker": "after"})
+    assert next_after(edge_service.url, channel, before) == (after, {"marker": "after"})
+
+
 # -- 408: bodies that do not arrive -----------------------------------------------------------
 
 
@@ -305,6 +326,8 @@ def test_relayed_requests_may_not_publish_or_start_jobs(
             id="xff-two-lines",
         ),
         pytest.param([("X-Real-IP", "::1")], False, id="real-ip-lo"),
+        pytest.param([("X-Real-IP", "::ffff:127.0.0.1")], False, id="real-ip-v4-mapped-lo"),
+        pytest.param([("X-Real-IP", "::ffff:10.0.0.1")], True, id="real-ip-v4-mapped"),
         pytest.param([("X-Real-IP", "192.168.1.2")], True, id="real-ip-lan"),
         pytest.param([("Forwarded", "for=127.0.0.1;proto=https")], False, id="fwd-lo"),
         pytest.param([("Forwarded", 'for="[::1]:4711"')], False, id="fwd-v6-lo"),
