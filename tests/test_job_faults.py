@@ -142,11 +142,22 @@ def test_a_job_that_cannot_write_at_all_lets_its_status_expire(broker: FaultyBro
 
 
 def test_a_paced_job_renews_its_lease_while_it_sleeps(broker: FaultyBroker) -> None:
-    jobs = Jobs(broker, ttl=60, broker_timeout=0.2)  # a lease of 0.4 s, events 1 s apart
-    job_id = jobs.start(3, 1.0, 0)
+    jobs = Jobs(broker, ttl=60, broker_timeout=0.5)  # a lease of 1 s, events 2 s apart
+    job_id = jobs.start(3, 2.0, 0)
     key = f"job:{job_id}"
-    log = read_until_final(broker, key, timeout=10)
+    sub = broker.subscribe(key, from_start=True)
+    log: list[Envelope] = []
+    missing = 0
+    deadline = time.monotonic() + 15
+    try:
+        while time.monotonic() < deadline and not (log and log[-1].event == "end"):
+            log += sub.get(0.1)
+            # Between two events (2 s) the status outlives its 1 s lease: it was renewed.
+            missing += broker.get_meta(key) is None
+    finally:
+        sub.close()
     assert [e.event for e in log] == ["message"] * 3 + ["end"]
+    assert missing == 0
     meta = broker.get_meta(key)
     assert meta is not None and meta["status"] == "done" and meta["last_id"] == log[-1].id
 
@@ -173,7 +184,7 @@ def test_the_reader_of_a_dead_job_ends_with_job_lost(fast_checks: None) -> None:
         job_id = secrets.token_hex(16)
         key = f"job:{job_id}"
         (first,) = broker.publish(key, [("message", b'{"event_id":0}')])
-        broker.set_meta(key, {"status": "running", "count": 5, "last_id": first}, ttl=0.5)
+        broker.set_meta(key, {"status": "running", "count": 5, "last_id": first}, ttl=1.5)
         resp = flask_app.test_client().get(f"/jobs/{job_id}/events")
         assert resp.status_code == 200
         lines = lines_of(resp.get_data())
