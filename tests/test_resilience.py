@@ -229,6 +229,14 @@ def test_job_in_flight_is_marked_interrupted_on_shutdown(
     with Client(svc.url) as client, client.stream(job["events_url"]) as events:
         assert next(iter(events))["event_id"] == 0
     assert svc.stop(signal.SIGTERM, timeout=15) == 0
+    # Its status says so, with the job's TTL (not the short lease of a running job).
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    meta_key = f"stream:meta:job:{job['id']}"
+    meta = orjson.loads(r.get(meta_key) or b"null")
+    assert meta["status"] == "interrupted" and meta["error"]["code"] == "interrupted"
+    assert r.pttl(meta_key) > 600_000 and r.pttl(f"stream:log:job:{job['id']}") > 600_000
     # Another service on the same Redis reads the log: the events, then the interruption.
     other = start_service(env)
     seen: list[int] = []
