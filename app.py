@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -125,6 +126,9 @@ def default_config() -> dict[str, Any]:
         "STREAM_JOB_TTL": _env_float("STREAM_JOB_TTL", 3600.0),
         # entries a subscriber may fall behind before it is cut off (it resumes by id)
         "STREAM_QUEUE_SIZE": int(_env_float("STREAM_QUEUE_SIZE", 10_000)),
+        # bytes the in-process broker retains across all logs (oldest entries go first); Redis
+        # is bounded by its own maxmemory
+        "STREAM_HISTORY_BYTES": int(_env_float("STREAM_HISTORY_BYTES", 256 * 1024 * 1024)),
         # open streams per worker before new ones get 503 + Retry-After
         "STREAM_MAX_STREAMS": int(_env_float("STREAM_MAX_STREAMS", 10_000)),
         # 0: unlimited; otherwise streams end after this many seconds (clients resume)
@@ -207,6 +211,33 @@ def _last_event_id(broker: Broker) -> str | None:
             "Last-Event-ID is not an id this service gave out", code="bad_last_event_id"
         )
     return value
+
+
+#: an integer literal orjson would turn into a float (beyond 64 bits) may start here
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def compact_json(text: bytes) -> bytes:
+    """One published JSON text, compact on one line, exactly what ``json.loads`` reads in it.
+
+    orjson re-encodes the common case. Where orjson refuses what ``json.loads`` accepts (a
+    number beyond a double's range, a lone surrogate escape) or would change it (an integer
+    beyond 64 bits becomes a float), the text itself is kept, validated by ``json.loads``, with
+    its line breaks turned into spaces (JSON strings cannot hold a raw line break, so that only
+    touches whitespace between tokens). NaN and Infinity, which are not JSON, are refused.
+    Raises ``ValueError`` for anything that is not one JSON text.
+    """
+    if not _LONG_DIGITS.search(text):
+        try:
+            return dumps_compact(orjson.loads(text))
+        except orjson.JSONDecodeError:
+            pass  # decided below, by the reference parser
+    json.loads(text, parse_constant=_no_constants)
+    return text.strip().replace(b"\r", b" ").replace(b"\n", b" ")
 
 
 def _check_name(name: str) -> str:
@@ -803,7 +834,8 @@ def follow(
             # thread-based producer takes to notice that the stream was closed.
             entries = subscription.get(1.0)
         except SlowConsumer:
-            metrics.SLOW_CONSUMER_DROPS.inc()
+            # Counted once, when the stream closes (stream_log): a stream stopped by its write
+            # timeout while its queue overflowed never gets here.
             log.info("subscriber of %s fell behind and was cut off", key)
             # Ending the body without an end marker makes the client resume from its id.
             return
@@ -840,9 +872,13 @@ def stream_log(
         after=last_id,
         watch=watch,
     )
-    return stream_response(
-        items, envelopes=True, name=key, on_close=lambda reason: subscription.close()
-    )
+
+    def closed(reason: str) -> None:
+        subscription.close()
+        if subscription.overflowed:
+            metrics.SLOW_CONSUMER_DROPS.inc()
+
+    return stream_response(items, envelopes=True, name=key, on_close=closed)
 
 
 def resumes_after_the_end(meta: dict[str, Any], last_id: str | None) -> bool:
@@ -871,6 +907,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         max_len=cfg["STREAM_HISTORY_LENGTH"],
         max_age=cfg["STREAM_HISTORY_AGE"],
         queue_size=cfg["STREAM_QUEUE_SIZE"],
+        max_bytes=cfg["STREAM_HISTORY_BYTES"],
     )
     jobs = Jobs(
         broker,
@@ -1052,8 +1089,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         if mimetype == "application/json":
             data = body()
             try:
-                values = [dumps_compact(orjson.loads(data))]
-            except orjson.JSONDecodeError as exc:
+                values = [compact_json(data)]
+            except ValueError as exc:
                 raise BadRequest(f"the body is not JSON: {exc}", code="bad_json") from None
         elif mimetype in ("application/x-ndjson", "application/ndjson"):
             values = []
@@ -1061,8 +1098,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                 if not line.strip():
                     continue
                 try:
-                    values.append(dumps_compact(orjson.loads(line)))
-                except orjson.JSONDecodeError as exc:
+                    values.append(compact_json(line))
+                except ValueError as exc:
                     raise BadRequest(f"line {number} is not JSON: {exc}", code="bad_json") from None
             if not values:
                 raise BadRequest("the body holds no JSON value", code="bad_json")

@@ -107,6 +107,11 @@ class Subscription(Protocol):
         """Release the queue and the fan-out registration (idempotent)."""
         ...
 
+    @property
+    def overflowed(self) -> bool:
+        """Whether the subscriber fell too far behind and was cut off from the live tail."""
+        ...
+
 
 class Broker(Protocol):
     """An append-only log per key with retention, a live tail, and small metadata."""
@@ -337,6 +342,11 @@ class LocalSubscription:
     def closed(self) -> bool:
         """Whether ``close()`` was called or the broker closed."""
         return self._closed
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether this subscriber fell too far behind and was cut off from the live tail."""
+        return self._overflowed
 
 
 def _after(entry: Envelope, floor: IdTuple) -> bool:

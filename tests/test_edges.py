@@ -10,6 +10,7 @@ has a timeout; every wait is bounded.
 from __future__ import annotations
 
 import http.client
+import json
 import select
 import socket
 import time
@@ -403,3 +404,60 @@ def test_running_jobs_are_bounded(start_service: Callable[..., Service]) -> None
             values = list(client.stream(resp.json()["events_url"]))
             assert [v["event_id"] for v in values] == list(range(30))
     wait_for(lambda: start(1, 0).status_code == 202, timeout=10)
+
+
+# -- publishes keep every value exactly as json.loads reads it ---------------------------------
+
+EXACT_TEXTS = [
+    b'{"big": 12345678901234567890123}',
+    b"-98765432109876543210",
+    b"1e400",
+    b'"\\ud800 lone surrogate"',
+    b'{"pretty": [1,\r\n  2]}',
+    b'{"plain": "value"}',
+]
+
+
+@pytest.mark.parametrize("media_type", ["application/x-ndjson", "application/json"])
+def test_published_values_are_exactly_what_json_loads_reads(
+    edge_service: Service, media_type: str
+) -> None:
+    channel = unique("exact")
+    marker = publish_one(edge_service.url, channel, "before")
+    for text in EXACT_TEXTS:
+        body = text.replace(b"\r\n", b" ") if media_type == "application/x-ndjson" else text
+        resp = requests.post(
+            f"{edge_service.url}/channels/{channel}",
+            data=body,
+            headers={"Content-Type": media_type},
+            timeout=10,
+        )
+        assert resp.status_code == 201, resp.text
+    # Read the raw NDJSON back (from the marker on) and decode it with the reference parser.
+    got: list[object] = []
+    with requests.get(
+        f"{edge_service.url}/channels/{channel}",
+        params={"last_event_id": marker},
+        stream=True,
+        timeout=(5, 10),
+    ) as resp:
+        tail = b""
+        while len(got) < len(EXACT_TEXTS):
+            chunk = resp.raw.read1(65536)
+            assert chunk, "the stream ended early"
+            *lines, tail = (tail + chunk).split(b"\n")
+            got += [json.loads(line)["data"] for line in lines if line.strip()]
+    expected = [json.loads(text) for text in EXACT_TEXTS]
+    assert repr(got) == repr(expected)  # repr: inf == inf, and ints stay ints
+
+
+@pytest.mark.parametrize("text", [b"NaN", b"[1, Infinity]", b"-Infinity"])
+def test_publishing_nan_or_infinity_is_refused(edge_service: Service, text: bytes) -> None:
+    resp = requests.post(
+        f"{edge_service.url}/channels/{unique('nan')}",
+        data=text,
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "bad_json"
