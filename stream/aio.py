@@ -20,12 +20,19 @@ Deliberate differences from ``httpx`` defaults (to match the requests client):
 * ``timeout=(connect, read)`` becomes ``httpx.Timeout(connect=connect, read=read)``, with
   writes and the wait for a pooled connection bounded by ``connect`` (requests sends the request
   under the connect timeout too); an ``httpx.Timeout`` is taken as it is.
+* The read timeout bounds more than each read, exactly as in ``stream.client`` (whose module
+  docstring states the rule): receiving the complete response headers (from when the request
+  was sent), and the time from one decoded item (an event or a keep-alive) to the next.
+* Redirects are followed here, one hop at a time (``response.next_request``, built by httpx's
+  own rules, which drop ``Authorization`` on another host), when the httpx client follows them;
+  on a redirect to another origin the caller's headers are dropped too, as in
+  ``stream.client``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -42,8 +49,10 @@ from .protocol import (
     Mode,
     ReconnectPolicy,
     StreamState,
+    cross_origin,
     http_status_error,
     request_headers,
+    stripped_on_redirect,
 )
 
 __all__ = ["AsyncClient", "AsyncStream"]
@@ -105,6 +114,47 @@ async def _status_error(response: httpx.Response) -> HTTPStatusError:
     return http_status_error(response.status_code, response.reason_phrase, body, response)
 
 
+async def _send(
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    *,
+    read: float | None,
+    strip: Collection[str],
+    stream: bool = True,
+) -> httpx.Response:
+    """Send ``request``, following redirects; the read timeout bounds each hop's headers."""
+    hops = 0
+    while True:
+        try:
+            async with asyncio.timeout(None) as deadline:
+                if read is not None:
+
+                    async def trace(name: str, info: Mapping[str, Any]) -> None:
+                        # httpx bounds each read; the headers as a whole are bounded from here.
+                        if name.endswith(".receive_response_headers.started"):
+                            deadline.reschedule(asyncio.get_running_loop().time() + read)
+
+                    request.extensions["trace"] = trace
+                response = await client.send(request, stream=stream, follow_redirects=False)
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(
+                f"no complete response headers within {read} s", request=request
+            ) from exc
+        following = response.next_request
+        if following is None or not client.follow_redirects:
+            return response
+        await _close(response)
+        hops += 1
+        if hops > client.max_redirects:
+            raise httpx.TooManyRedirects(
+                f"more than {client.max_redirects} redirects", request=request
+            )
+        if strip and cross_origin(str(request.url), str(following.url)):
+            for name in strip:
+                following.headers.pop(name, None)
+        request = following
+
+
 class _Reader:
     """The I/O of one stream: requests, reads, reconnections (kept apart from ``AsyncStream``,
     so the running generator holds no reference to its stream: a loop left with ``break`` drops
@@ -119,6 +169,7 @@ class _Reader:
         headers: Mapping[str, str],
         timeout: httpx.Timeout,
         state: StreamState,
+        strip: Collection[str] = (),
     ) -> None:
         self._client = client
         self._url = url
@@ -127,6 +178,7 @@ class _Reader:
         self._headers = [(name.encode("ascii"), value.encode()) for name, value in headers.items()]
         self._timeout = timeout
         self._state = state
+        self._strip = strip
         self.closed = False
         self.response: httpx.Response | None = None
 
@@ -143,10 +195,17 @@ class _Reader:
             request = self._client.build_request(
                 "GET", self._url, params=self._params, headers=headers, timeout=self._timeout
             )
-            response = await self._client.send(request, stream=True)
+            response = await _send(
+                self._client, request, read=self._timeout.read, strip=self._strip
+            )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _translate(exc, self._state.policy.attempts) from exc
         self.response = response
+        if response.status_code == 204:
+            # No Content: the answer to a resume after the stream's final event.
+            await _close(response)
+            self._state.no_content()
+            return
         if not 200 <= response.status_code < 300:
             raise await _status_error(response)
         try:
@@ -176,28 +235,51 @@ class _Reader:
     async def run(self) -> AsyncGenerator[Iterable[Any], None]:
         """The batches of values (or Events) of the whole stream, across reconnections."""
         state = self._state
+        read_timeout = self._timeout.read
+        loop = asyncio.get_running_loop()
         try:
             if self.response is None:
                 if self.closed:
                     return
                 await self.connect()
-            while True:
+            while not state.ended:
                 response = self.response
                 assert response is not None
                 feed = state.feed
+                pending = state.pending
+                chunks = response.aiter_bytes()
+                # When part of an item is held: the loop time by which it must be complete.
+                deadline = 0.0
                 cause: BaseException | None = None
                 try:
-                    async for chunk in response.aiter_bytes():
+                    while True:
+                        try:
+                            if deadline:
+                                async with asyncio.timeout_at(deadline):
+                                    chunk = await anext(chunks)
+                            else:
+                                chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            break
                         out = feed(chunk)
                         if out:
                             yield out
                             if state.stop:
                                 state.raise_error()
                                 return
-                except httpx.TimeoutException as exc:
+                        if read_timeout is None:
+                            continue
+                        if pending():
+                            if out or not deadline:
+                                deadline = loop.time() + read_timeout
+                        else:
+                            deadline = 0.0
+                except (httpx.TimeoutException, TimeoutError) as exc:
                     if self.closed:
                         return
-                    raise StreamTimeout(f"no data for the read timeout: {exc}") from exc
+                    raise StreamTimeout(
+                        f"no complete event or keep-alive within {read_timeout} s: {exc}"
+                    ) from exc
                 except _CUT_ERRORS as exc:
                     if self.closed:
                         return
@@ -433,6 +515,7 @@ class AsyncClient:
             headers=merged,
             timeout=_timeout(timeout if timeout is not None else self.timeout),
             state=state,
+            strip=stripped_on_redirect(self.headers, headers),
         )
         return AsyncStream(reader, state)
 
@@ -458,13 +541,22 @@ class AsyncClient:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         params = {"event": event} if event is not None else None
+        timeout = _timeout(self.timeout)
         try:
-            response = await self.client.post(
+            request = self.client.build_request(
+                "POST",
                 self.url("/channels/" + quote(channel, safe="")),
                 params=params,
                 content=body,
                 headers=headers,
-                timeout=_timeout(self.timeout),
+                timeout=timeout,
+            )
+            response = await _send(
+                self.client,
+                request,
+                read=timeout.read,
+                strip=stripped_on_redirect(headers),
+                stream=False,
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _translate(exc) from exc

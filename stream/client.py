@@ -9,21 +9,42 @@ the caller as soon as its bytes arrive, and a busy stream is read in large slice
 ``iter_lines``/``iter_content``: they wait for a full chunk of their size on non-chunked bodies.
 
 Transport errors are translated in one place (``_translate``) and chained with ``raise ... from``.
+
+Timeouts, ``timeout=(connect, read)`` as in requests (a number is both):
+
+* ``connect`` bounds connecting (and sending the request);
+* ``read`` bounds receiving the complete response headers, counted from when the request was
+  sent (requests alone bounds each ``recv``, so a server that trickles its headers a byte at a
+  time holds it forever; the bound needs the client's own session, or a ``DeadlineAdapter``
+  mounted on the session passed in), and the time from one decoded item of the body to the
+  next, an item being an event or a keep-alive: a server that stays silent, or that trickles
+  bytes without ever completing one, gets ``StreamTimeout`` ``read`` seconds after the last
+  item. Time the caller spends between two items is not counted.
+
+Redirects are followed as requests does (``Authorization`` dropped on another host), and on a
+redirect to another origin (scheme, host, port) every header the caller gave (``headers=`` of
+the ``Client`` or of the call) is dropped too, except ``Accept`` and ``Content-Type``, which say
+what is asked and sent, not who asks: an ``X-Api-Key`` never reaches another host.
 """
 
 from __future__ import annotations
 
 import http.client
 import socket
+import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import orjson
 import requests
+import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
+import urllib3.response
 
 from .errors import ConnectionLost, HTTPStatusError, StreamError, StreamTimeout
 from .event import Event
@@ -35,11 +56,13 @@ from .protocol import (
     Mode,
     ReconnectPolicy,
     StreamState,
+    cross_origin,
     http_status_error,
     request_headers,
+    stripped_on_redirect,
 )
 
-__all__ = ["Client", "Stream"]
+__all__ = ["Client", "DeadlineAdapter", "Stream"]
 
 T = TypeVar("T")
 
@@ -82,6 +105,116 @@ def _translate(exc: BaseException, attempts: int = 0) -> StreamError:
     if isinstance(exc, (requests.ConnectionError, *_CUT_ERRORS)):
         return ConnectionLost(f"connection failed: {_reason(exc)}", attempts=attempts)
     return StreamError(f"request failed: {_reason(exc)}")
+
+
+def _read_timeout(timeout: Timeout) -> float | None:
+    """The read part of a requests ``timeout``."""
+    if isinstance(timeout, tuple):
+        return timeout[1]
+    return timeout
+
+
+class _HeadersDeadline(urllib3.connection.HTTPConnection):
+    """A connection whose response headers must all arrive within the read timeout."""
+
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        # urllib3 sets ``timeout`` to the read timeout just before this call; http.client uses
+        # it per recv, so a server that trickles its headers would never time out.
+        timeout = self.timeout
+        sock = self.sock
+        if not isinstance(timeout, int | float) or sock is None:
+            return super().getresponse()
+        lock = threading.Lock()
+        state = {"done": False, "fired": False}
+
+        def expire() -> None:
+            with lock:
+                if state["done"]:
+                    return
+                state["fired"] = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv
+            except OSError:
+                pass
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            response = super().getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            if state["fired"]:
+                # urllib3 turns a socket timeout into its ReadTimeoutError (requests.ReadTimeout).
+                raise TimeoutError(f"no complete response headers within {timeout} s") from exc
+            raise
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()
+        return response
+
+
+class _HeadersDeadlineTLS(_HeadersDeadline, urllib3.connection.HTTPSConnection):
+    """The HTTPS twin of ``_HeadersDeadline``."""
+
+
+class _Pool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HeadersDeadline
+
+
+class _TLSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HeadersDeadlineTLS
+
+
+_POOLS: dict[str, type[urllib3.connectionpool.HTTPConnectionPool]] = {
+    "http": _Pool,
+    "https": _TLSPool,
+}
+
+
+class DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """A requests adapter whose read timeout also bounds receiving the whole response headers.
+
+    ``Client`` mounts it on the session it creates; mount it on a session you pass in
+    (``session.mount("http://", DeadlineAdapter())``, likewise ``https://``) for the same bound.
+    """
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+
+def _redirect_hook(names: Collection[str]) -> Callable[..., requests.Response]:
+    """A response hook that drops the caller's headers before a redirect to another origin.
+
+    requests builds each redirected request from the previous one after the response hooks
+    ran, so removing the names from the request that was just answered removes them from the
+    next (Session.resolve_redirects).
+    """
+
+    def hook(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+        location = response.headers.get("Location") if response.is_redirect else None
+        request = response.request
+        if location and request is not None and request.url:
+            target = urljoin(response.url or request.url, location)
+            if cross_origin(request.url, target):
+                for name in names:
+                    request.headers.pop(name, None)
+        return response
+
+    return hook
+
+
+def _socket(response: requests.Response) -> socket.socket | None:
+    """The response's socket (to bound a read by the time left), None if urllib3 hides it."""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def _shutdown(response: requests.Response) -> None:
@@ -133,6 +266,7 @@ class _Reader:
         timeout: Timeout,
         state: StreamState,
         hooks: _Hooks,
+        strip: Collection[str] = (),
     ) -> None:
         self._session = session
         self._url = url
@@ -141,6 +275,7 @@ class _Reader:
         self._timeout = timeout
         self._state = state
         self._hooks = hooks
+        self._redirect_hooks = {"response": [_redirect_hook(strip)]} if strip else None
         self._closed = False
         self.response: requests.Response | None = None
 
@@ -155,12 +290,18 @@ class _Reader:
                 headers=headers,
                 stream=True,
                 timeout=self._timeout,
+                hooks=self._redirect_hooks,
             )
         except requests.RequestException as exc:
             raise _translate(exc, self._state.policy.attempts) from exc
         self.response = response
         if self._hooks.on_response is not None:
             self._hooks.on_response(response)
+        if response.status_code == 204:
+            # No Content: the answer to a resume after the stream's final event.
+            _close(response)
+            self._state.no_content()
+            return
         if not 200 <= response.status_code < 300:
             raise _status_error(response)
         try:
@@ -192,16 +333,22 @@ class _Reader:
     def run(self) -> Generator[Iterable[Any], None, None]:
         state = self._state
         on_bytes = self._hooks.on_bytes
+        read_timeout = _read_timeout(self._timeout)
+        monotonic = time.monotonic
         try:
             if self.response is None:
                 if self._closed:
                     return
                 self._connect()
-            while True:
+            while not state.ended:
                 response = self.response
                 assert response is not None
                 read1 = response.raw.read1
                 feed = state.feed
+                pending = state.pending
+                sock = _socket(response) if read_timeout is not None else None
+                # When part of an item is held: the time by which the item must be complete.
+                deadline = 0.0
                 cause: BaseException | None = None
                 try:
                     while True:
@@ -216,10 +363,28 @@ class _Reader:
                             if state.stop:
                                 state.raise_error()
                                 return
+                        if read_timeout is None:
+                            continue
+                        if pending():
+                            now = monotonic()
+                            if out or not deadline:
+                                deadline = now + read_timeout
+                            elif now >= deadline:
+                                raise StreamTimeout(
+                                    f"no complete event or keep-alive within {read_timeout} s"
+                                )
+                            if sock is not None:
+                                sock.settimeout(deadline - now)
+                        elif deadline:
+                            deadline = 0.0
+                            if sock is not None:
+                                sock.settimeout(read_timeout)
                 except _TIMEOUT_ERRORS as exc:
                     if self._closed:
                         return
-                    raise StreamTimeout(f"no data for the read timeout: {exc}") from exc
+                    raise StreamTimeout(
+                        f"no complete event or keep-alive within {read_timeout} s: {exc}"
+                    ) from exc
                 except _CUT_ERRORS as exc:
                     if self._closed:
                         return
@@ -333,7 +498,11 @@ class Client:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_session = session is None
-        self.session = session if session is not None else requests.Session()
+        if session is None:
+            session = requests.Session()
+            session.mount("http://", DeadlineAdapter())
+            session.mount("https://", DeadlineAdapter())
+        self.session = session
         self.timeout = timeout
         self.reconnect = reconnect
         self.headers: dict[str, str] = dict(headers or {})
@@ -445,6 +614,7 @@ class Client:
             timeout=timeout if timeout is not None else self.timeout,
             state=state,
             hooks=hooks,
+            strip=stripped_on_redirect(self.headers, headers),
         )
         return Stream(reader, state)
 
@@ -470,6 +640,7 @@ class Client:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         params = {"event": event} if event is not None else None
+        strip = stripped_on_redirect(headers)
         try:
             response = self.session.post(
                 self.url("/channels/" + quote(channel, safe="")),
@@ -477,6 +648,7 @@ class Client:
                 data=body,
                 headers=headers,
                 timeout=self.timeout,
+                hooks={"response": [_redirect_hook(strip)]} if strip else None,
             )
         except requests.RequestException as exc:
             raise _translate(exc) from exc

@@ -145,7 +145,8 @@ def test_breaking_out_of_the_loop_closes_the_connection() -> None:
 
 def test_events_with_resume_across_the_loop() -> None:
     go = threading.Event()
-    first = script("sse", envelope("sse", "1", 1), Wait(go), framing="close")
+    # The service's hint before ending a stream it did not finish makes the client resume.
+    first = script("sse", envelope("sse", "1", 1), Wait(go), b"retry: 10\n\n", framing="close")
     second = script("sse", envelope("sse", "2", 2), b"event: end\ndata: null\n\n")
 
     async def test() -> None:

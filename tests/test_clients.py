@@ -555,3 +555,157 @@ def test_closed_before_the_first_read_sends_nothing(fast: AnyClient) -> None:
         stream.close()
         assert list(stream) == []
         assert server.requests == []
+
+
+# == issue 10, item 9: the client at the edges ==================================================
+
+
+# -- the server's retry: is honoured up to backoff_max ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [
+        pytest.param(b"1000000000000", id="31-years"),
+        pytest.param(b"9" * 400, id="too-large-for-a-float"),
+    ],
+)
+def test_server_retry_is_capped_by_backoff_max(make_client: MakeClient, retry: bytes) -> None:
+    first = script("sse", envelope("sse", "1", 1), b"retry: " + retry + b"\n\n", framing="close")
+    second = script("sse", envelope("sse", "2", 2), b"event: end\ndata: null\n\n")
+    with RawServer([first, second]) as server:
+        with make_client(server.url, backoff_max=0.3) as client:
+            started = time.monotonic()
+            assert list(client.stream("/channels/c")) == [1, 2]
+            waited = time.monotonic() - started
+    # The cap, honoured: no shorter (the server asked for more), and nowhere near 31 years.
+    assert 0.3 <= waited < 5.0
+
+
+# -- deadlines ---------------------------------------------------------------------------------
+
+
+def test_headers_trickled_past_the_read_timeout(make_client: MakeClient) -> None:
+    slow = Script([value("ndjson", 1)], trickle_headers=0.05)
+    with RawServer([slow]) as server:
+        with make_client(server.url, timeout=(2.0, 0.5)) as client:
+            started = time.monotonic()
+            with pytest.raises(errors.StreamTimeout):
+                list(client.stream("/events"))
+            took = time.monotonic() - started
+    # About 100 bytes of headers at 20 bytes/s would take 5 s; each byte is well within 0.5 s.
+    assert took < 3.0
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "sse", "json-seq"])
+def test_body_trickled_without_completing_an_event(make_client: MakeClient, fmt: str) -> None:
+    start = {"ndjson": b'{"a": ', "sse": b"data: ", "json-seq": b'\x1e{"a": '}[fmt]
+    trickle: list[Any] = [value(fmt, 1), start]
+    for _ in range(40):
+        trickle += [Sleep(0.1), b"1"]  # a byte every 0.1 s: each read well within the timeout
+    with RawServer([script(fmt, *trickle)]) as server:
+        with make_client(server.url, timeout=(2.0, 0.5)) as client:
+            seen = []
+            started = time.monotonic()
+            with pytest.raises(errors.StreamTimeout):
+                for item in client.stream("/events"):
+                    seen.append(item)
+            took = time.monotonic() - started
+    assert seen == [1]
+    assert took < 3.0  # the trickle lasts 4 s
+
+
+@pytest.mark.parametrize(
+    ("fmt", "keepalive"),
+    [
+        pytest.param("ndjson", b" ", id="ndjson-space"),
+        pytest.param("ndjson", b"\n", id="ndjson-empty-line"),
+        pytest.param("sse", b":\n", id="sse-comment"),
+        pytest.param("json-seq", b"\x1e", id="json-seq-lone-rs"),
+    ],
+)
+def test_keepalives_keep_a_quiet_stream_open(
+    make_client: MakeClient, fmt: str, keepalive: bytes
+) -> None:
+    body: list[Any] = [value(fmt, 1)]
+    for _ in range(6):
+        body += [Sleep(0.25), keepalive]  # 1.5 s of silence, a keep-alive each 0.25 s
+    body.append(value(fmt, 2))
+    with RawServer([script(fmt, *body)]) as server:
+        with make_client(server.url, timeout=(2.0, 0.6)) as client:
+            assert list(client.stream("/events")) == [1, 2]
+
+
+def test_silence_is_still_a_timeout(fast: AnyClient) -> None:
+    with RawServer([script("ndjson", value("ndjson", 1), b" ", Sleep(3.0))]) as server:
+        seen = []
+        with pytest.raises(errors.StreamTimeout):
+            for item in fast.stream(server.url, timeout=(2.0, 0.5)):
+                seen.append(item)
+    assert seen == [1]
+
+
+# -- SSE: invalid UTF-8 is a DecodeError, as in NDJSON and JSON-seq ----------------------------
+
+
+def test_sse_invalid_utf8_is_a_decode_error_after_the_events_before_it(fast: AnyClient) -> None:
+    body = b'data: 1\n\ndata: 2\n\ndata: "\xff"\n\ndata: 3\n\n'
+    with RawServer([script("sse", body)]) as server:
+        seen = []
+        with pytest.raises(errors.DecodeError) as info:
+            for item in fast.stream(server.url):
+                seen.append(item)
+    assert seen == [1, 2]
+    assert info.value.line_number == 5
+
+
+# -- redirects -----------------------------------------------------------------------------------
+
+
+def redirect(to: str, status: int = 302) -> Script:
+    return Script(
+        [], status=status, content_type=None, framing="length", headers=[("Location", to)]
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["other-port", "other-host"])
+def test_caller_headers_do_not_follow_a_redirect_to_another_origin(
+    make_client: MakeClient, host: str
+) -> None:
+    with RawServer([script("ndjson", value("ndjson", 1))]) as other:
+        target = other.url.replace("127.0.0.1", host) + "/events"
+        with RawServer([redirect(target)]) as server:
+            with make_client(server.url, headers={"X-Api-Key": "k1"}) as client:
+                got = list(
+                    client.stream("/events", headers={"X-Other": "k2", "Authorization": "Bearer t"})
+                )
+            assert got == [1]
+            first = server.requests[0].headers
+            assert (first["x-api-key"], first["x-other"]) == ("k1", "k2")
+        headers = other.requests[0].headers
+        assert not {"x-api-key", "x-other", "authorization"} & headers.keys()
+        assert headers["accept"].startswith("application/x-ndjson")
+
+
+def test_caller_headers_follow_a_redirect_on_the_same_origin(make_client: MakeClient) -> None:
+    with RawServer([redirect("/moved"), script("ndjson", value("ndjson", 1))]) as server:
+        with make_client(server.url, headers={"X-Api-Key": "k1"}) as client:
+            assert list(client.stream("/events")) == [1]
+        moved = server.requests[1]
+        assert moved.target == "/moved"
+        assert moved.headers["x-api-key"] == "k1"
+
+
+def test_publish_headers_do_not_follow_a_redirect_to_another_origin(
+    make_client: MakeClient,
+) -> None:
+    answer = Script(
+        [b'{"ids": ["1"]}'], status=201, content_type="application/json", framing="length"
+    )
+    with RawServer([answer]) as other:
+        with RawServer([redirect(other.url + "/channels/c", status=307)]) as server:
+            with make_client(server.url, headers={"X-Api-Key": "k1"}) as client:
+                assert client.publish("c", {"a": 1}, token="t") == ["1"]
+        headers = other.requests[0].headers
+        assert not {"x-api-key", "authorization"} & headers.keys()
+        assert other.requests[0].body == b'{"a":1}'
