@@ -98,7 +98,7 @@ from .errors import (
 from .event import Event
 from .formats import FORMAT_NAMES, JSON_SEQ, NDJSON, SSE
 from .jsonseq import JSONSeqDecoder
-from .ndjson import NDJSONDecoder, decode_exact, loads_exact
+from .ndjson import NDJSONDecoder, decode_exact, loads_exact, long_digits
 from .sse import SSEDecoder
 
 __all__ = [
@@ -577,7 +577,7 @@ class StreamState:
     def _sse_values(self, batch: list[Event]) -> Iterator[Any]:
         # orjson unless the read held a run of digits that may be an integer it would round
         sse = self._sse
-        loads = decode_exact if sse is not None and sse.long_digits else orjson.loads
+        loads = decode_exact if sse is not None and long_digits(sse.block) else orjson.loads
         for event in batch:
             kind = event.event
             if kind != "message" and kind in _SSE_SPECIAL:

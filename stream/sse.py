@@ -31,8 +31,9 @@ Not in the spec, for the clients:
 - ``hinted`` is true when a block with a valid ``retry:`` and no data ended after the last
   dispatched event: the hint this project's server sends before it ends a stream it did not
   finish (``stream.protocol`` resumes after it).
-- ``long_digits`` is true when the lines of the latest ``feed`` hold a run of 19 or more digits,
-  an integer that orjson would round (``stream.ndjson.long_digits``).
+- ``block`` holds the lines of the latest ``feed`` (joined by LF, as bytes): the clients look
+  in it for integers that orjson would round (``stream.ndjson.long_digits``) before decoding
+  the events' data as JSON.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from typing import Final
 from .errors import DecodeError
 from .event import Event
 from .lines import DEFAULT_MAX_LINE, LineSplitter
-from .ndjson import long_digits
 
 __all__ = ["SSEDecoder"]
 
@@ -56,7 +56,7 @@ class SSEDecoder:
         "last_event_id",
         "retry",
         "hinted",
-        "long_digits",
+        "block",
         "_lines",
         "_head",
         "_data",
@@ -69,7 +69,7 @@ class SSEDecoder:
         self.last_event_id = last_event_id
         self.retry: int | None = None
         self.hinted = False
-        self.long_digits = False
+        self.block = b""
         self._lines = LineSplitter(max_line=max_line)
         # The first bytes, held until we know whether they start a BOM; None once we know.
         self._head: bytes | None = b""
@@ -93,7 +93,7 @@ class SSEDecoder:
         block = self._lines.feed_block(data)
         if block is None:
             return []
-        self.long_digits = long_digits(block)
+        self.block = block
         # CR and LF never occur inside a UTF-8 sequence, so decoding after splitting is the
         # same as decoding first. Splitting on "\n" only (never str.splitlines) keeps U+2028,
         # U+2029 and U+0085 inside lines.

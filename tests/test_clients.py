@@ -41,7 +41,7 @@ from tests.rawserver import (
 pytestmark = pytest.mark.timeout(20)
 
 FORMATS = {"ndjson": NDJSON, "sse": SSE, "json-seq": JSON_SEQ}
-KEEPALIVE = {"ndjson": b"\n", "sse": b":\n", "json-seq": b"\x1e"}
+KEEPALIVE = {"ndjson": b" ", "sse": b":\n", "json-seq": b"\x1e"}
 ALL_FORMATS = [pytest.param(name, id=name) for name in FORMATS]
 
 T = TypeVar("T")
@@ -709,3 +709,114 @@ def test_publish_headers_do_not_follow_a_redirect_to_another_origin(
         headers = other.requests[0].headers
         assert not {"x-api-key", "authorization"} & headers.keys()
         assert other.requests[0].body == b'{"a":1}'
+
+
+# == issue 13: other servers' streams, exact decoding, resume rules =============================
+
+
+def test_openai_style_done_ends_the_stream(fast: AnyClient) -> None:
+    body = [b'data: {"choices": [1]}\n\n', b'data: {"choices": [2]}\n\n', b"data: [DONE]\n\n"]
+    with RawServer([script("sse", *body, Hold())]) as server:
+        # The server keeps the connection open after [DONE]: the client ends by itself.
+        assert list(fast.stream(server.url)) == [{"choices": [1]}, {"choices": [2]}]
+        assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_finite_stream_of_another_server_with_ids_ends(fast: AnyClient, framing: str) -> None:
+    # sse-starlette: ids, a retry on each event, a normal end, and a replay on any reconnect.
+    body = b"".join(b"id: %d\nretry: 15000\ndata: %d\n\n" % (i, i) for i in range(3))
+    replay = script("sse", body, framing=framing)
+    with RawServer([replay, replay, replay]) as server:
+        assert list(fast.stream(server.url)) == [0, 1, 2]
+        events = list(fast.events(server.url))
+        assert [e.id for e in events] == ["0", "1", "2"]
+        assert len(server.requests) == 2  # one each, never a resume
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_resume_after_the_final_event_gets_204_and_ends(fast: AnyClient, fmt: str) -> None:
+    no_content = Script([], status=204, content_type=None, framing="length")
+    with RawServer([no_content]) as server:
+        assert list(fast.stream(server.url, last_event_id="7", format=fmt)) == []
+        assert server.requests[0].headers["last-event-id"] == "7"
+
+
+def test_204_on_a_resume_ends_the_stream(fast: AnyClient) -> None:
+    first = script("ndjson", envelope("ndjson", "1", 1), Close())
+    no_content = Script([], status=204, content_type=None, framing="length")
+    with RawServer([first, no_content]) as server:
+        assert list(fast.stream(server.url)) == [1]
+        assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "json-seq"])
+def test_service_ends_an_unfinished_envelope_stream_and_it_resumes(
+    fast: AnyClient, fmt: str
+) -> None:
+    # Shutdown, lifetime or a slow consumer: the body ends normally, without an end marker.
+    first = script(fmt, envelope(fmt, "1", 1), framing="close")
+    second = script(fmt, envelope(fmt, "2", 2), envelope(fmt, "3", None, event="end"))
+    with RawServer([first, second]) as server:
+        assert list(fast.stream(server.url)) == [1, 2]
+        assert server.requests[1].headers["last-event-id"] == "1"
+
+
+def test_sse_id_with_a_leading_space_resumes(fast: AnyClient) -> None:
+    first = script("sse", b"id:  5\ndata: 1\n\n", Cut())
+    second = script("sse", b"id:  6\nevent: end\ndata: null\n\n")
+    with RawServer([first, second]) as server:
+        events = list(fast.events(server.url))
+        assert [(e.id, e.data) for e in events] == [(" 5", "1")]
+        # The bytes a browser sends: fetch strips the value's leading and trailing whitespace.
+        assert b"\r\nLast-Event-ID: 5\r\n" in server.requests[1].raw_headers + b"\r\n"
+
+
+def test_resume_that_cannot_succeed_ends_in_an_error(make_client: MakeClient) -> None:
+    first = script("sse", envelope("sse", "1", 1), Cut())
+    with RawServer([first]) as server:  # then every connection is refused by closing it
+        with make_client(server.url, max_attempts=3, backoff_initial=0.01, backoff_max=0.05) as c:
+            seen = []
+            started = time.monotonic()
+            with pytest.raises(errors.ConnectionLost):
+                for item in c.stream("/channels/c"):
+                    seen.append(item)
+            assert time.monotonic() - started < 10.0
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_exact_values_through_the_client(fast: AnyClient, fmt: str) -> None:
+    texts = [b"12345678901234567890123", b"1e400", b'"\\ud800"', b'{"n": -9223372036854775809}']
+    body = b"".join(
+        (b"data: " + t + b"\n\n")
+        if fmt == "sse"
+        else (b"\x1e" if fmt == "json-seq" else b"") + t + b"\n"
+        for t in texts
+    )
+    with RawServer([script(fmt, b"\xef\xbb\xbf" + body)]) as server:
+        got = list(fast.stream(server.url))
+    assert [repr(v) for v in got] == [
+        "12345678901234567890123",
+        "inf",
+        "'\\ud800'",
+        "{'n': -9223372036854775809}",
+    ]
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_values_before_a_bad_line_in_the_same_read_come_first(fast: AnyClient, fmt: str) -> None:
+    bad = {"ndjson": b"nope\n", "sse": b"data: nope\n\n", "json-seq": b"\x1enope\n"}[fmt]
+    body = value(fmt, 1) + value(fmt, 2) + bad
+    with RawServer([script(fmt, body + value(fmt, 3))]) as server:
+        seen = []
+        with pytest.raises(errors.DecodeError):
+            for item in fast.stream(server.url):
+                seen.append(item)
+    assert seen == [1, 2]
+
+
+def test_ndjson_space_keepalives_before_values_and_at_the_end(fast: AnyClient) -> None:
+    body = [b" ", b" ", value("ndjson", 1), b" ", value("ndjson", 2), b" "]
+    with RawServer([script("ndjson", *body)]) as server:
+        assert list(fast.stream(server.url)) == [1, 2]
