@@ -32,7 +32,15 @@ Deliberate differences from ``httpx`` defaults (to match the requests client):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -44,10 +52,16 @@ from .event import Event
 from .protocol import (
     ERROR_BODY_LIMIT,
     EVENTS,
-    RETRYABLE_STATUSES,
+    NO_HOOKS,
     VALUES,
+    Cut,
+    Deliver,
+    Hooks,
     Mode,
+    Pause,
+    Read,
     ReconnectPolicy,
+    Release,
     StreamState,
     cross_origin,
     http_status_error,
@@ -156,9 +170,10 @@ async def _send(
 
 
 class _Reader:
-    """The I/O of one stream: requests, reads, reconnections (kept apart from ``AsyncStream``,
-    so the running generator holds no reference to its stream: a loop left with ``break`` drops
-    the last reference, and asyncio's async-generator finalizer closes the connection)."""
+    """The I/O of one stream: the commands of ``StreamState.drive`` performed with httpx (kept
+    apart from ``AsyncStream``, so the running generator holds no reference to its stream: a
+    loop left with ``break`` drops the last reference, and asyncio's async-generator finalizer
+    closes the connection)."""
 
     def __init__(
         self,
@@ -169,6 +184,7 @@ class _Reader:
         headers: Mapping[str, str],
         timeout: httpx.Timeout,
         state: StreamState,
+        hooks: Hooks = NO_HOOKS,
         strip: Collection[str] = (),
     ) -> None:
         self._client = client
@@ -178,12 +194,13 @@ class _Reader:
         self._headers = [(name.encode("ascii"), value.encode()) for name, value in headers.items()]
         self._timeout = timeout
         self._state = state
+        self._hooks = hooks
         self._strip = strip
         self.closed = False
         self.response: httpx.Response | None = None
 
-    async def connect(self) -> None:
-        """Send the request and check status and media type (raises StreamError subclasses)."""
+    async def _connect(self) -> tuple[int, str | None, httpx.Response]:
+        """Send the request; a non-2xx answer raises HTTPStatusError (StreamError subclasses)."""
         headers = self._headers
         extra = self._state.request_headers()
         if extra:
@@ -201,110 +218,104 @@ class _Reader:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _translate(exc, self._state.policy.attempts) from exc
         self.response = response
-        if response.status_code == 204:
-            # No Content: the answer to a resume after the stream's final event.
-            await _close(response)
-            self._state.no_content()
-            return
+        if self._hooks.on_response is not None:
+            self._hooks.on_response(response)
         if not 200 <= response.status_code < 300:
             raise await _status_error(response)
+        return response.status_code, response.headers.get("Content-Type"), response
+
+    async def open(self) -> None:
+        """The first request: send it and start the body (or raise, the response closed)."""
+        status, content_type, response = await self._connect()
         try:
-            self._state.start(response.headers.get("Content-Type"), response)
+            self._state.opened(status, content_type, response)
         except StreamError:
             await _close(response)
             raise
-
-    async def _resume(self, delay: float, cause: BaseException | None) -> bool:
-        """Wait and reconnect until it works (True) or the stream was closed (False)."""
-        state = self._state
-        while True:
-            await asyncio.sleep(delay)
-            if self.closed:
-                return False
-            try:
-                await self.connect()
-                return True
-            except (StreamTimeout, ConnectionLost) as exc:
-                cause = exc
-            except HTTPStatusError as exc:
-                if exc.status_code not in RETRYABLE_STATUSES:
-                    raise
-                cause = exc
-            delay = state.connect_failed(cause)
+        if status == 204:
+            await _close(response)
 
     async def run(self) -> AsyncGenerator[Iterable[Any], None]:
         """The batches of values (or Events) of the whole stream, across reconnections."""
-        state = self._state
         read_timeout = self._timeout.read
-        loop = asyncio.get_running_loop()
+        on_bytes = self._hooks.on_bytes
+        on_reconnect = self._hooks.on_reconnect
         try:
             if self.response is None:
                 if self.closed:
                     return
-                await self.connect()
-            while not state.ended:
-                response = self.response
-                assert response is not None
-                feed = state.feed
-                pending = state.pending
-                chunks = response.aiter_bytes()
-                # When part of an item is held: the loop time by which it must be complete.
-                deadline = 0.0
-                cause: BaseException | None = None
+                await self.open()
+            loop = asyncio.get_running_loop()
+            driver = self._state.drive(read_timeout=read_timeout, clock=loop.time)
+            answer: Any = None
+            error: StreamError | None = None
+            chunks: AsyncIterator[bytes] | None = None
+            reading: httpx.Response | None = None
+            while True:
                 try:
-                    while True:
-                        try:
-                            if deadline:
-                                async with asyncio.timeout_at(deadline):
-                                    chunk = await anext(chunks)
-                            else:
-                                chunk = await anext(chunks)
-                        except StopAsyncIteration:
-                            break
-                        out = feed(chunk)
-                        if out:
-                            yield out
-                            if state.stop:
-                                state.raise_error()
-                                return
-                        if read_timeout is None:
-                            continue
-                        if pending():
-                            if out or not deadline:
-                                deadline = loop.time() + read_timeout
+                    if error is not None:
+                        command = driver.throw(error)
+                        error = None
+                    else:
+                        command = driver.send(answer)
+                except StopIteration:
+                    return
+                if isinstance(command, Read):
+                    response = self.response
+                    assert response is not None
+                    if response is not reading:
+                        reading = response
+                        chunks = response.aiter_bytes()
+                    assert chunks is not None
+                    try:
+                        if command.limit is None:
+                            answer = await anext(chunks, b"")
                         else:
-                            deadline = 0.0
-                except (httpx.TimeoutException, TimeoutError) as exc:
-                    if self.closed:
-                        return
-                    raise StreamTimeout(
-                        f"no complete event or keep-alive within {read_timeout} s: {exc}"
-                    ) from exc
-                except _CUT_ERRORS as exc:
-                    if self.closed:
-                        return
-                    cause = exc
-                except httpx.StreamClosed:
-                    # ``aclose()`` from another task closed the response under the read.
-                    if self.closed:
-                        return
-                    raise
-                except httpx.HTTPError as exc:
-                    # A broken Content-Encoding, say: not a cut, and resuming would not help.
-                    raise _translate(exc) from exc
-                if self.closed:
-                    return
-                if cause is None:
-                    out = state.finish()
-                    if out:
-                        yield out
-                        if state.stop:
-                            state.raise_error()
+                            async with asyncio.timeout(command.limit):
+                                answer = await anext(chunks, b"")
+                    except (httpx.TimeoutException, TimeoutError) as exc:
+                        if self.closed:
                             return
-                await _close(response)
-                delay = state.disconnected(clean=cause is None, cause=cause)
-                if delay is None or not await self._resume(delay, cause):
-                    return
+                        raise StreamTimeout(
+                            f"no complete event or keep-alive within {read_timeout} s: {exc}"
+                        ) from exc
+                    except _CUT_ERRORS as exc:
+                        if self.closed:
+                            return
+                        answer = Cut(exc)
+                        continue
+                    except httpx.StreamClosed:
+                        # ``aclose()`` from another task closed the response under the read.
+                        if self.closed:
+                            return
+                        raise
+                    except httpx.HTTPError as exc:
+                        # A broken Content-Encoding, say: not a cut, and resuming would not help.
+                        raise _translate(exc) from exc
+                    if not answer:
+                        if self.closed:
+                            return
+                    elif on_bytes is not None:
+                        on_bytes(answer)
+                elif isinstance(command, Deliver):
+                    yield command.batch
+                    answer = None
+                elif isinstance(command, Release):
+                    if self.response is not None:
+                        await _close(self.response)
+                    answer = None
+                elif isinstance(command, Pause):
+                    if on_reconnect is not None:
+                        on_reconnect(command.attempt, command.seconds, command.cause)
+                    await asyncio.sleep(command.seconds)
+                    if self.closed:
+                        return
+                    answer = None
+                else:  # Connect
+                    try:
+                        answer = await self._connect()
+                    except StreamError as exc:
+                        error = exc
         finally:
             if self.response is not None:
                 await _close(self.response)
@@ -357,7 +368,7 @@ class AsyncStream(Generic[T]):
         reader = self._reader
         if reader.response is None and not reader.closed:
             try:
-                await reader.connect()
+                await reader.open()
             except BaseException:
                 await self.aclose()
                 raise
@@ -494,6 +505,7 @@ class AsyncClient:
         reconnect: bool | None = None,
         timeout: Timeout = None,
         on_reset: Callable[[Event], object] | None = None,
+        hooks: Hooks = NO_HOOKS,
     ) -> AsyncStream[Any]:
         merged = request_headers(self.headers, headers, format)
         policy = ReconnectPolicy(
@@ -515,6 +527,7 @@ class AsyncClient:
             headers=merged,
             timeout=_timeout(timeout if timeout is not None else self.timeout),
             state=state,
+            hooks=hooks,
             strip=stripped_on_redirect(self.headers, headers),
         )
         return AsyncStream(reader, state)

@@ -51,10 +51,16 @@ from .event import Event
 from .protocol import (
     ERROR_BODY_LIMIT,
     EVENTS,
-    RETRYABLE_STATUSES,
+    NO_HOOKS,
     VALUES,
+    Cut,
+    Deliver,
+    Hooks,
     Mode,
+    Pause,
+    Read,
     ReconnectPolicy,
+    Release,
     StreamState,
     cross_origin,
     http_status_error,
@@ -233,28 +239,11 @@ def _close(response: requests.Response) -> None:
         pass
 
 
-class _Hooks:
-    """Observers for the command line: raw bytes, each response, each reconnection."""
-
-    def __init__(
-        self,
-        *,
-        on_bytes: Callable[[bytes], object] | None = None,
-        on_response: Callable[[requests.Response], object] | None = None,
-        on_reconnect: Callable[[int, float, BaseException | None], object] | None = None,
-    ) -> None:
-        self.on_bytes = on_bytes
-        self.on_response = on_response
-        self.on_reconnect = on_reconnect
-
-
-_NO_HOOKS = _Hooks()
-
-
 class _Reader:
-    """The I/O of one stream: requests, reads, reconnections (kept apart from ``Stream``, so the
-    running generator holds no reference to its ``Stream``: a loop left with ``break`` drops the
-    last reference to the generator, whose ``finally`` closes the connection at once)."""
+    """The I/O of one stream: the commands of ``StreamState.drive`` performed with requests
+    (kept apart from ``Stream``, so the running generator holds no reference to its
+    ``Stream``: a loop left with ``break`` drops the last reference to the generator, whose
+    ``finally`` closes the connection at once)."""
 
     def __init__(
         self,
@@ -265,7 +254,7 @@ class _Reader:
         headers: dict[str, str | bytes],
         timeout: Timeout,
         state: StreamState,
-        hooks: _Hooks,
+        hooks: Hooks,
         strip: Collection[str] = (),
     ) -> None:
         self._session = session
@@ -279,8 +268,8 @@ class _Reader:
         self._closed = False
         self.response: requests.Response | None = None
 
-    def _connect(self) -> None:
-        """Send the request and check status and media type (raises StreamError subclasses)."""
+    def _connect(self) -> tuple[int, str | None, requests.Response]:
+        """Send the request; a non-2xx answer raises HTTPStatusError (StreamError subclasses)."""
         headers = dict(self._headers)
         headers.update(self._state.request_headers())
         try:
@@ -297,116 +286,102 @@ class _Reader:
         self.response = response
         if self._hooks.on_response is not None:
             self._hooks.on_response(response)
-        if response.status_code == 204:
-            # No Content: the answer to a resume after the stream's final event.
-            _close(response)
-            self._state.no_content()
-            return
         if not 200 <= response.status_code < 300:
             raise _status_error(response)
+        return response.status_code, response.headers.get("Content-Type"), response
+
+    def open(self) -> None:
+        """The first request: send it and start the body (or raise, the response closed)."""
+        status, content_type, response = self._connect()
         try:
-            self._state.start(response.headers.get("Content-Type"), response)
+            self._state.opened(status, content_type, response)
         except StreamError:
             _close(response)
             raise
-
-    def _resume(self, delay: float, cause: BaseException | None) -> bool:
-        """Wait and reconnect until it works (True) or the stream was closed (False)."""
-        state = self._state
-        while True:
-            if self._hooks.on_reconnect is not None:
-                self._hooks.on_reconnect(state.policy.attempts, delay, cause)
-            time.sleep(delay)
-            if self._closed:
-                return False
-            try:
-                self._connect()
-                return True
-            except (StreamTimeout, ConnectionLost) as exc:
-                cause = exc
-            except HTTPStatusError as exc:
-                if exc.status_code not in RETRYABLE_STATUSES:
-                    raise
-                cause = exc
-            delay = state.connect_failed(cause)
+        if status == 204:
+            _close(response)
 
     def run(self) -> Generator[Iterable[Any], None, None]:
-        state = self._state
-        on_bytes = self._hooks.on_bytes
+        """The batches of values (or Events) of the whole stream, across reconnections."""
         read_timeout = _read_timeout(self._timeout)
-        monotonic = time.monotonic
+        on_bytes = self._hooks.on_bytes
+        on_reconnect = self._hooks.on_reconnect
         try:
             if self.response is None:
                 if self._closed:
                     return
-                self._connect()
-            while not state.ended:
-                response = self.response
-                assert response is not None
-                read1 = response.raw.read1
-                feed = state.feed
-                pending = state.pending
-                sock = _socket(response) if read_timeout is not None else None
-                # When part of an item is held: the time by which the item must be complete.
-                deadline = 0.0
-                cause: BaseException | None = None
+                self.open()
+            driver = self._state.drive(read_timeout=read_timeout, clock=time.monotonic)
+            answer: Any = None
+            error: StreamError | None = None
+            read1: Callable[..., bytes] | None = None
+            reading: requests.Response | None = None
+            sock: socket.socket | None = None
+            limited = False  # the socket's timeout is a deadline's remainder, not read_timeout
+            while True:
                 try:
-                    while True:
-                        chunk = read1(READ_SIZE, decode_content=True)
-                        if not chunk:
-                            break
-                        if on_bytes is not None:
-                            on_bytes(chunk)
-                        out = feed(chunk)
-                        if out:
-                            yield out
-                            if state.stop:
-                                state.raise_error()
-                                return
-                        if read_timeout is None:
-                            continue
-                        if pending():
-                            now = monotonic()
-                            if out or not deadline:
-                                deadline = now + read_timeout
-                            elif now >= deadline:
-                                raise StreamTimeout(
-                                    f"no complete event or keep-alive within {read_timeout} s"
-                                )
-                            if sock is not None:
-                                sock.settimeout(deadline - now)
-                        elif deadline:
-                            deadline = 0.0
-                            if sock is not None:
-                                sock.settimeout(read_timeout)
-                except _TIMEOUT_ERRORS as exc:
-                    if self._closed:
-                        return
-                    raise StreamTimeout(
-                        f"no complete event or keep-alive within {read_timeout} s: {exc}"
-                    ) from exc
-                except _CUT_ERRORS as exc:
-                    if self._closed:
-                        return
-                    cause = exc
-                except (AttributeError, ValueError):
-                    # http.client's file vanished under the read: close() from another thread.
-                    if self._closed:
-                        return
-                    raise
-                if self._closed:
+                    if error is not None:
+                        command = driver.throw(error)
+                        error = None
+                    else:
+                        command = driver.send(answer)
+                except StopIteration:
                     return
-                if cause is None:
-                    out = state.finish()
-                    if out:
-                        yield out
-                        if state.stop:
-                            state.raise_error()
+                if isinstance(command, Read):
+                    response = self.response
+                    assert response is not None
+                    if response is not reading:
+                        reading = response
+                        read1 = response.raw.read1
+                        sock = _socket(response) if read_timeout is not None else None
+                        limited = False
+                    assert read1 is not None
+                    limit = command.limit
+                    if sock is not None and (limit is not None or limited):
+                        sock.settimeout(limit if limit is not None else read_timeout)
+                        limited = limit is not None
+                    try:
+                        answer = read1(READ_SIZE, decode_content=True)
+                    except _TIMEOUT_ERRORS as exc:
+                        if self._closed:
                             return
-                _close(response)
-                delay = state.disconnected(clean=cause is None, cause=cause)
-                if delay is None or not self._resume(delay, cause):
-                    return
+                        raise StreamTimeout(
+                            f"no complete event or keep-alive within {read_timeout} s: {exc}"
+                        ) from exc
+                    except _CUT_ERRORS as exc:
+                        if self._closed:
+                            return
+                        answer = Cut(exc)
+                        continue
+                    except (AttributeError, ValueError):
+                        # http.client's file vanished under the read: close() from a thread.
+                        if self._closed:
+                            return
+                        raise
+                    if not answer:
+                        if self._closed:
+                            return
+                    elif on_bytes is not None:
+                        on_bytes(answer)
+                elif isinstance(command, Deliver):
+                    yield command.batch
+                    answer = None
+                elif isinstance(command, Release):
+                    if self.response is not None:
+                        _close(self.response)
+                    answer = None
+                elif isinstance(command, Pause):
+                    if on_reconnect is not None:
+                        on_reconnect(command.attempt, command.seconds, command.cause)
+                    time.sleep(command.seconds)
+                    if self._closed:
+                        return
+                    answer = None
+                else:  # Connect
+                    try:
+                        answer = self._connect()
+                    except StreamError as exc:
+                        error = exc
         finally:
             if self.response is not None:
                 _close(self.response)
@@ -444,7 +419,7 @@ class Stream(Generic[T]):
         reader = self._reader
         if reader.response is None and not reader._closed:
             try:
-                reader._connect()
+                reader.open()
             except BaseException:
                 self.close()
                 raise
@@ -591,7 +566,7 @@ class Client:
         reconnect: bool | None = None,
         timeout: Timeout = None,
         on_reset: Callable[[Event], object] | None = None,
-        hooks: _Hooks = _NO_HOOKS,
+        hooks: Hooks = NO_HOOKS,
     ) -> Stream[Any]:
         merged: dict[str, str | bytes] = {**request_headers(self.headers, headers, format)}
         policy = ReconnectPolicy(

@@ -2,21 +2,29 @@
 
 Pure (standard library, orjson and the decoders), so the requests client (``client.py``) and the
 httpx client (``aio.py``) share it and differ only in how they move bytes. One ``StreamState``
-lives for one ``stream()``/``events()`` call, across reconnections::
+lives for one ``stream()``/``events()`` call, across reconnections, and ``StreamState.drive``
+is the whole connect/read/resume loop as a generator of I/O commands (the sans-I/O pattern of
+h11 and httpcore): each client is a thin shell that performs them and sends back the result::
 
-    state = StreamState(VALUES, last_event_id=..., reconnect=..., on_reset=..., policy=...)
+    state.opened(*connect())                     # the first request (also from __enter__)
+    driver = state.drive(read_timeout=read, clock=time.monotonic)
+    answer = None
     while True:
-        response = send(headers | state.request_headers())   # I/O
-        state.start(content_type)                 # picks the decoder, or ContentTypeError
-        for chunk in body:                        # I/O
-            out = state.feed(chunk)               # an iterable of values (or Events) to yield
-            if out:
-                yield from out
-                if state.stop:                    # end marker, server error, reset, bad data
-                    state.raise_error()           # raises if it was an error ...
-                    return                        # ... else the job ended
-        out = state.finish()                      # at a clean end of the body only
-        delay = state.disconnected(clean=..., cause=...)  # None: the end; else wait and resume
+        command = driver.send(answer)            # StopIteration: the stream ended normally
+        if type(command) is Read:                # the next bytes (within command.limit s),
+            answer = read() or b""               # b"" at a clean end, Cut(cause) for a cut
+        elif type(command) is Deliver:
+            yield command.batch                  # values (or Events), in order
+        elif type(command) is Release:
+            close(response)
+        elif type(command) is Pause:
+            sleep(command.seconds)               # before resuming
+        elif type(command) is Connect:           # a resume; a failure goes back with
+            answer = connect()                   # driver.throw(error)
+
+Errors that end the stream (a server error, a reset, bad data, attempts spent) are raised
+by the driver after the values before them were delivered; the shell's own errors (a read
+timeout, a transport error that is not a cut) end it from the shell.
 
 ``feed`` returns the decoder's own list when a batch holds nothing but plain values (the common
 case for plain streams: one ``type(v) is dict and v.keys() <= {...}`` test per value and no other
@@ -78,7 +86,7 @@ Deliberate rules (the wire formats leave them open; keep them unless the server 
 from __future__ import annotations
 
 import random as _random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final, Literal, Protocol
@@ -94,6 +102,7 @@ from .errors import (
     RemoteError,
     StreamError,
     StreamReset,
+    StreamTimeout,
 )
 from .event import Event
 from .formats import FORMAT_NAMES, JSON_SEQ, NDJSON, SSE
@@ -104,6 +113,15 @@ from .sse import SSEDecoder
 __all__ = [
     "ACCEPT_ANY",
     "EVENTS",
+    "NO_HOOKS",
+    "Command",
+    "Connect",
+    "Cut",
+    "Deliver",
+    "Hooks",
+    "Pause",
+    "Read",
+    "Release",
     "RETRYABLE_STATUSES",
     "VALUES",
     "Decoder",
@@ -309,6 +327,87 @@ class ReconnectPolicy:
         self.attempts = 0
 
 
+class Connect:
+    """Send the request again (with ``request_headers()``); answer ``(status, content type,
+    response)``, or throw the library error (StreamTimeout, ConnectionLost, HTTPStatusError)."""
+
+    __slots__ = ()
+
+
+class Read:
+    """Read the next bytes of the body: answer them, ``b""`` at a clean end, ``Cut`` for a cut.
+
+    ``limit``: seconds the read may wait (part of an item is held and must be complete by
+    then); None: the transport's own read timeout. Running out is the shell's StreamTimeout.
+    """
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: float | None = None) -> None:
+        self.limit = limit
+
+
+class Deliver:
+    """Hand ``batch`` (values or Events, in order) to the caller."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Iterable[Any]) -> None:
+        self.batch = batch
+
+
+class Release:
+    """Close the current response and its connection (it is done, or unusable)."""
+
+    __slots__ = ()
+
+
+class Pause:
+    """Wait ``seconds`` before attempt ``attempt`` to resume (``cause``: why the last one ended)."""
+
+    __slots__ = ("seconds", "attempt", "cause")
+
+    def __init__(self, seconds: float, attempt: int, cause: BaseException | None) -> None:
+        self.seconds = seconds
+        self.attempt = attempt
+        self.cause = cause
+
+
+class Cut:
+    """The answer to ``Read`` when the connection was cut (``cause``: the transport's error)."""
+
+    __slots__ = ("cause",)
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+
+
+Command = Connect | Read | Deliver | Release | Pause
+_CONNECT: Final = Connect()
+_READ: Final = Read()
+_RELEASE: Final = Release()
+
+
+class Hooks:
+    """Observers (the command line's): raw bytes, each response, each reconnection."""
+
+    __slots__ = ("on_bytes", "on_response", "on_reconnect")
+
+    def __init__(
+        self,
+        *,
+        on_bytes: Callable[[bytes], object] | None = None,
+        on_response: Callable[[Any], object] | None = None,
+        on_reconnect: Callable[[int, float, BaseException | None], object] | None = None,
+    ) -> None:
+        self.on_bytes = on_bytes
+        self.on_response = on_response
+        self.on_reconnect = on_reconnect
+
+
+NO_HOOKS: Final = Hooks()
+
+
 class StreamState:
     """One stream's protocol state across reconnections: decoder, last event ID, markers, policy."""
 
@@ -407,6 +506,83 @@ class StreamState:
     def no_content(self) -> None:
         """The server answered ``204 No Content``: nothing (more) to read, the stream ended."""
         self._end()
+
+    def opened(self, status: int, content_type: str | None, response: Any = None) -> None:
+        """A 2xx answer arrived: ``204`` ends the stream, else pick the decoder (or raise)."""
+        if status == 204:
+            # No Content: the answer to a resume after the stream's final event.
+            self.no_content()
+        else:
+            self.start(content_type, response)
+
+    def drive(
+        self, *, read_timeout: float | None, clock: Callable[[], float]
+    ) -> Generator[Command, Any, None]:
+        """The connect/read/resume loop, as I/O commands (module docstring); starts after
+        ``opened``. ``read_timeout`` also bounds the time from one item to the next (an
+        event or a keep-alive): ``clock`` is the shell's monotonic clock in seconds."""
+        feed = self.feed
+        pending = self.pending
+        while not self.ended:
+            cause: BaseException | None = None
+            deadline = 0.0  # while part of an item is held: when it must be complete
+            while True:
+                if deadline:
+                    left = deadline - clock()
+                    if left <= 0:
+                        raise StreamTimeout(
+                            f"no complete event or keep-alive within {read_timeout} s"
+                        )
+                    got = yield Read(left)
+                else:
+                    got = yield _READ
+                if type(got) is Cut:
+                    cause = got.cause
+                    break
+                if not got:
+                    break
+                out = feed(got)
+                if out:
+                    yield Deliver(out)
+                    if self.stop:
+                        self.raise_error()
+                        return
+                if read_timeout is None:
+                    continue
+                if pending():
+                    if out or not deadline:
+                        deadline = clock() + read_timeout  # after the caller had the batch
+                elif deadline:
+                    deadline = 0.0
+            if cause is None:
+                out = self.finish()
+                if out:
+                    yield Deliver(out)
+                    if self.stop:
+                        self.raise_error()
+                        return
+            yield _RELEASE
+            delay = self.disconnected(clean=cause is None, cause=cause)
+            if delay is None:
+                return
+            while True:
+                yield Pause(delay, self.policy.attempts, cause)
+                try:
+                    status, content_type, response = yield _CONNECT
+                except (StreamTimeout, ConnectionLost) as exc:
+                    cause = exc
+                except HTTPStatusError as exc:
+                    if exc.status_code not in RETRYABLE_STATUSES:
+                        raise
+                    cause = exc
+                else:
+                    try:
+                        self.opened(status, content_type, response)
+                    except StreamError:
+                        yield _RELEASE
+                        raise
+                    break
+                delay = self.connect_failed(cause)
 
     def _before_error(self, error: DecodeError) -> Iterator[Any]:
         """The values a read decoded before its bad line, then the error (CONTRACT.md)."""

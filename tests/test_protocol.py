@@ -13,13 +13,20 @@ from stream.errors import (
     HTTPStatusError,
     RemoteError,
     StreamReset,
+    StreamTimeout,
 )
 from stream.event import Event
 from stream.protocol import (
     ACCEPT_ANY,
     EVENTS,
     VALUES,
+    Connect,
+    Cut,
+    Deliver,
+    Pause,
+    Read,
     ReconnectPolicy,
+    Release,
     StreamState,
     accept_header,
     http_status_error,
@@ -637,3 +644,119 @@ def test_pending(media: str, chunks: list[bytes], pending: bool) -> None:
     state = started(media)
     drive(state, *chunks, clean_end=False)
     assert state.pending() is pending
+
+
+# -- the driver: the connect/read/resume loop both clients run ------------------------------
+
+
+def run_driver(
+    state: StreamState,
+    answers: list[Any],
+    *,
+    read_timeout: float | None = None,
+    clock: Any = None,
+) -> list[Any]:
+    """Perform the driver's commands from a script: each Read or Connect takes the next answer
+    (an exception is thrown into the driver); return the commands as short tuples."""
+    now = [0.0]
+    driver = state.drive(read_timeout=read_timeout, clock=clock or (lambda: now[0]))
+    seen: list[Any] = []
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            command = driver.throw(error) if error is not None else driver.send(answer)
+        except StopIteration:
+            return seen
+        error = answer = None
+        if isinstance(command, Read):
+            seen.append(("read", command.limit))
+            got = answers.pop(0)
+            if isinstance(got, float):  # time passes, then the bytes arrive
+                now[0] += got
+                got = answers.pop(0)
+            answer = got
+        elif isinstance(command, Deliver):
+            seen.append(("deliver", list(command.batch)))
+        elif isinstance(command, Release):
+            seen.append(("release",))
+        elif isinstance(command, Pause):
+            seen.append(("pause", command.seconds, command.attempt))
+        else:
+            assert isinstance(command, Connect)
+            seen.append(("connect",))
+            got = answers.pop(0)
+            if isinstance(got, BaseException):
+                error = got
+            else:
+                answer = got
+
+
+def test_driver_reads_delivers_and_ends() -> None:
+    state = started(NDJSON)
+    assert run_driver(state, [b"1\n2", b"\n", b""]) == [
+        ("read", None),
+        ("deliver", [1]),
+        ("read", None),
+        ("deliver", [2]),
+        ("read", None),
+        ("release",),
+    ]
+
+
+def test_driver_resumes_a_cut_and_retries_a_503() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0, initial=1.0))
+    busy = HTTPStatusError("HTTP 503", status_code=503, body=None)
+    answers = [
+        b'{"id": "1", "event": "message", "data": 1}\n',
+        Cut(OSError("reset")),
+        busy,
+        (200, NDJSON, None),
+        b'{"id": "2", "event": "end", "data": null}\n',
+    ]
+    assert run_driver(state, answers) == [
+        ("read", None),
+        ("deliver", [1]),
+        ("read", None),
+        ("release",),
+        ("pause", 0.0, 1),
+        ("connect",),
+        ("pause", 0.0, 2),
+        ("connect",),
+        ("read", None),
+        ("deliver", []),
+    ]
+    assert state.ended and state.request_headers() == {"Last-Event-ID": b"2"}
+
+
+def test_driver_raises_a_status_that_resuming_cannot_fix() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0))
+    gone = HTTPStatusError("HTTP 404", status_code=404, body=None)
+    with pytest.raises(HTTPStatusError):
+        run_driver(state, [b'{"id": "1", "event": "message", "data": 1}\n', Cut(OSError()), gone])
+
+
+def test_driver_ends_at_a_204_on_resume() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0))
+    answers = [b'{"id": "1", "event": "message", "data": 1}\n', Cut(OSError()), (204, None, None)]
+    assert run_driver(state, answers)[-2:] == [("pause", 0.0, 1), ("connect",)]
+    assert state.ended
+
+
+def test_driver_bounds_an_item_that_never_completes() -> None:
+    # A byte every 0.4 s keeps each read within a 1 s timeout; the item never completes.
+    state = started(NDJSON)
+    answers = [b"1\n", 0.1, b'{"a', 0.4, b"b", 0.4, b"c", 0.4, b"d"]
+    with pytest.raises(StreamTimeout):
+        run_driver(state, answers, read_timeout=1.0)
+    assert not answers[1:]  # timed out before the last byte was asked for
+
+
+def test_driver_keepalives_restart_the_clock() -> None:
+    state = started(NDJSON)
+    answers = [b'{"a', 0.9, b'": 1}\n', 0.9, b" ", 0.9, b" ", 0.5, b"2\n", b""]
+    commands = run_driver(state, answers, read_timeout=1.0)
+    assert ("deliver", [{"a": 1}]) in commands and ("deliver", [2]) in commands
+    limits = [c[1] for c in commands if c[0] == "read"]
+    assert limits[0] is None and limits[1] == pytest.approx(1.0)  # a partial item: bounded
+    assert limits[2:] == [None, None, None, None]  # whitespace holds no item
