@@ -42,10 +42,8 @@ from collections.abc import (
     Mapping,
 )
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
 
 import httpx
-import orjson
 
 from .errors import ConnectionLost, HTTPStatusError, StreamError, StreamTimeout
 from .event import Event
@@ -60,11 +58,14 @@ from .protocol import (
     Mode,
     Pause,
     Read,
-    ReconnectPolicy,
     Release,
     StreamState,
     cross_origin,
     http_status_error,
+    join_url,
+    new_state,
+    publish_ids,
+    publish_request,
     request_headers,
     stripped_on_redirect,
 )
@@ -393,7 +394,26 @@ class AsyncStream(Generic[T]):
 
 
 class AsyncClient:
-    """A streaming client for one service (``base_url``), on one ``httpx.AsyncClient``."""
+    """A streaming client for one service (``base_url``), on one ``httpx.AsyncClient``.
+
+    Keywords: ``session``/``client`` (created and closed by this client when not given),
+    ``timeout``, ``reconnect`` (None: resume once the server sent an id), ``headers`` (sent with
+    every request, dropped on a redirect to another origin), ``max_attempts`` (resuming
+    attempts in a row that deliver nothing before ``ConnectionLost``; None: never give up),
+    ``backoff_initial`` and ``backoff_max`` (the wait before a resume: full jitter up to
+    ``backoff_max``; a server's ``retry:`` is honoured up to ``backoff_max`` too, 30 s by
+    default).
+
+    ``timeout=(connect, read)`` (a number is both; None: no bound):
+
+    * ``connect`` bounds connecting and sending the request;
+    * ``read`` bounds receiving the complete response headers, and the time from one decoded
+      item of the body to the next, an item being an event (a value) or a keep-alive. Bytes
+      that arrive without completing an item do not count: a server that trickles a byte a
+      second without ever finishing an event gets ``StreamTimeout`` ``read`` seconds after
+      the last item, like a silent one. The time the caller spends between two items is not
+      counted.
+    """
 
     def __init__(
         self,
@@ -437,11 +457,7 @@ class AsyncClient:
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
-        if path.startswith(("http://", "https://")):
-            return path
-        if not self.base_url:
-            raise ValueError(f"{path!r} is not a full URL and the client has no base_url")
-        return self.base_url + "/" + path.lstrip("/")
+        return join_url(self.base_url, path)
 
     def stream(
         self,
@@ -508,17 +524,14 @@ class AsyncClient:
         hooks: Hooks = NO_HOOKS,
     ) -> AsyncStream[Any]:
         merged = request_headers(self.headers, headers, format)
-        policy = ReconnectPolicy(
-            initial=self.backoff_initial,
-            maximum=self.backoff_max,
-            max_attempts=self.max_attempts,
-        )
-        state = StreamState(
+        state = new_state(
             mode,
             last_event_id=last_event_id,
             reconnect=reconnect if reconnect is not None else self.reconnect,
             on_reset=on_reset,
-            policy=policy,
+            max_attempts=self.max_attempts,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
         )
         reader = _Reader(
             self.client,
@@ -540,25 +553,14 @@ class AsyncClient:
         token: str | None = None,
     ) -> list[str]:
         """Publish values to a channel (``POST /channels/<name>``) and return their ids."""
-        if not values:
-            raise ValueError("publish() needs at least one value")
-        headers = dict(self.headers)
-        if len(values) == 1:
-            body = orjson.dumps(values[0])
-            headers["Content-Type"] = "application/json"
-        else:
-            body = b"".join(
-                orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values
-            )
-            headers["Content-Type"] = "application/x-ndjson"
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        params = {"event": event} if event is not None else None
+        path, body, headers, params = publish_request(
+            channel, values, event=event, token=token, headers=self.headers
+        )
         timeout = _timeout(self.timeout)
         try:
             request = self.client.build_request(
                 "POST",
-                self.url("/channels/" + quote(channel, safe="")),
+                self.url(path),
                 params=params,
                 content=body,
                 headers=headers,
@@ -573,12 +575,4 @@ class AsyncClient:
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _translate(exc) from exc
-        if not 200 <= response.status_code < 300:
-            raise http_status_error(
-                response.status_code, response.reason_phrase, response.content, response
-            )
-        try:
-            ids = orjson.loads(response.content)["ids"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise StreamError(f"unexpected publish answer: {response.content[:200]!r}") from exc
-        return [str(ident) for ident in ids]
+        return publish_ids(response.status_code, response.reason_phrase, response.content, response)

@@ -36,9 +36,8 @@ import time
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote, urljoin
+from urllib.parse import urljoin
 
-import orjson
 import requests
 import requests.adapters
 import urllib3.connection
@@ -59,11 +58,14 @@ from .protocol import (
     Mode,
     Pause,
     Read,
-    ReconnectPolicy,
     Release,
     StreamState,
     cross_origin,
     http_status_error,
+    join_url,
+    new_state,
+    publish_ids,
+    publish_request,
     request_headers,
     stripped_on_redirect,
 )
@@ -457,7 +459,27 @@ def _status_error(response: requests.Response) -> HTTPStatusError:
 
 
 class Client:
-    """A streaming client for one service (``base_url``), on one ``requests.Session``."""
+    """A streaming client for one service (``base_url``), on one ``requests.Session``.
+
+    Keywords: ``session``/``client`` (created and closed by this client when not given),
+    ``timeout``, ``reconnect`` (None: resume once the server sent an id), ``headers`` (sent with
+    every request, dropped on a redirect to another origin), ``max_attempts`` (resuming
+    attempts in a row that deliver nothing before ``ConnectionLost``; None: never give up),
+    ``backoff_initial`` and ``backoff_max`` (the wait before a resume: full jitter up to
+    ``backoff_max``; a server's ``retry:`` is honoured up to ``backoff_max`` too, 30 s by
+    default).
+
+    ``timeout=(connect, read)`` (a number is both; None: no bound):
+
+    * ``connect`` bounds connecting and sending the request;
+    * ``read`` bounds receiving the complete response headers (on
+      a session passed in, with ``DeadlineAdapter`` mounted), and the time from one decoded
+      item of the body to the next, an item being an event (a value) or a keep-alive. Bytes
+      that arrive without completing an item do not count: a server that trickles a byte a
+      second without ever finishing an event gets ``StreamTimeout`` ``read`` seconds after
+      the last item, like a silent one. The time the caller spends between two items is not
+      counted.
+    """
 
     def __init__(
         self,
@@ -498,11 +520,7 @@ class Client:
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
-        if path.startswith(("http://", "https://")):
-            return path
-        if not self.base_url:
-            raise ValueError(f"{path!r} is not a full URL and the client has no base_url")
-        return self.base_url + "/" + path.lstrip("/")
+        return join_url(self.base_url, path)
 
     def stream(
         self,
@@ -569,17 +587,14 @@ class Client:
         hooks: Hooks = NO_HOOKS,
     ) -> Stream[Any]:
         merged: dict[str, str | bytes] = {**request_headers(self.headers, headers, format)}
-        policy = ReconnectPolicy(
-            initial=self.backoff_initial,
-            maximum=self.backoff_max,
-            max_attempts=self.max_attempts,
-        )
-        state = StreamState(
+        state = new_state(
             mode,
             last_event_id=last_event_id,
             reconnect=reconnect if reconnect is not None else self.reconnect,
             on_reset=on_reset,
-            policy=policy,
+            max_attempts=self.max_attempts,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
         )
         reader = _Reader(
             self.session,
@@ -601,24 +616,13 @@ class Client:
         token: str | None = None,
     ) -> list[str]:
         """Publish values to a channel (``POST /channels/<name>``) and return their ids."""
-        if not values:
-            raise ValueError("publish() needs at least one value")
-        headers = dict(self.headers)
-        if len(values) == 1:
-            body = orjson.dumps(values[0])
-            headers["Content-Type"] = "application/json"
-        else:
-            body = b"".join(
-                orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values
-            )
-            headers["Content-Type"] = "application/x-ndjson"
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        params = {"event": event} if event is not None else None
+        path, body, headers, params = publish_request(
+            channel, values, event=event, token=token, headers=self.headers
+        )
         strip = stripped_on_redirect(headers)
         try:
             response = self.session.post(
-                self.url("/channels/" + quote(channel, safe="")),
+                self.url(path),
                 params=params,
                 data=body,
                 headers=headers,
@@ -628,12 +632,6 @@ class Client:
         except requests.RequestException as exc:
             raise _translate(exc) from exc
         with response:
-            if not 200 <= response.status_code < 300:
-                raise http_status_error(
-                    response.status_code, response.reason or "", response.content, response
-                )
-            try:
-                ids = orjson.loads(response.content)["ids"]
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                raise StreamError(f"unexpected publish answer: {response.content[:200]!r}") from exc
-        return [str(ident) for ident in ids]
+            return publish_ids(
+                response.status_code, response.reason or "", response.content, response
+            )

@@ -90,7 +90,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import orjson
 
@@ -131,6 +131,10 @@ __all__ = [
     "accept_header",
     "cross_origin",
     "http_status_error",
+    "join_url",
+    "new_state",
+    "publish_ids",
+    "publish_request",
     "media_type",
     "remote_error",
     "request_headers",
@@ -286,6 +290,69 @@ def cross_origin(url: str, target: str) -> bool:
         return _origin(urlsplit(url)) != _origin(urlsplit(target))
     except ValueError:  # a port that is no number: not the same origin
         return True
+
+
+def join_url(base_url: str, path: str) -> str:
+    """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
+    if path.startswith(("http://", "https://")):
+        return path
+    if not base_url:
+        raise ValueError(f"{path!r} is not a full URL and the client has no base_url")
+    return base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+def publish_request(
+    channel: str,
+    values: tuple[Any, ...],
+    *,
+    event: str | None,
+    token: str | None,
+    headers: Mapping[str, str],
+) -> tuple[str, bytes, dict[str, str], dict[str, str] | None]:
+    """A publish as (path, body, headers, params): one value as JSON, several as NDJSON."""
+    if not values:
+        raise ValueError("publish() needs at least one value")
+    merged = dict(headers)
+    if len(values) == 1:
+        body = orjson.dumps(values[0])
+        merged["Content-Type"] = "application/json"
+    else:
+        body = b"".join(orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values)
+        merged["Content-Type"] = "application/x-ndjson"
+    if token is not None:
+        merged["Authorization"] = f"Bearer {token}"
+    params = {"event": event} if event is not None else None
+    return "/channels/" + quote(channel, safe=""), body, merged, params
+
+
+def publish_ids(status_code: int, reason: str, content: bytes, response: Any = None) -> list[str]:
+    """The ids of a publish's answer, or its HTTPStatusError (StreamError if it makes no sense)."""
+    if not 200 <= status_code < 300:
+        raise http_status_error(status_code, reason, content, response)
+    try:
+        ids = orjson.loads(content)["ids"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise StreamError(f"unexpected publish answer: {content[:200]!r}") from exc
+    return [str(ident) for ident in ids]
+
+
+def new_state(
+    mode: Mode,
+    *,
+    last_event_id: str | None,
+    reconnect: bool | None,
+    on_reset: Callable[[Event], object] | None,
+    max_attempts: int | None,
+    backoff_initial: float,
+    backoff_max: float,
+) -> StreamState:
+    """The state of one ``stream()``/``events()`` call, with the client's backoff settings."""
+    policy = ReconnectPolicy(
+        initial=backoff_initial, maximum=backoff_max, max_attempts=max_attempts
+    )
+    return StreamState(
+        mode, last_event_id=last_event_id, reconnect=reconnect, on_reset=on_reset, policy=policy
+    )
 
 
 @dataclass(slots=True)
