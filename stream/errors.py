@@ -9,7 +9,7 @@
     │   └── LineTooLong    a line grew past the decoder's maximum size
     ├── RemoteError        the server's error event after the stream started (.code, .message)
     ├── StreamReset        the events after our Last-Event-ID are gone (.event)
-    ├── StreamTimeout      connecting, or waiting for the next bytes, took too long
+    ├── StreamTimeout      connecting, the response headers, or the next event took too long
     └── ConnectionLost     the connection was cut and cannot be resumed (.attempts)
 
 Transport errors (requests', httpx's, socket errors) are translated in one place per client and
@@ -82,7 +82,8 @@ class StreamReset(StreamError):
 
 
 class StreamTimeout(StreamError):
-    """Connecting, or waiting for the next bytes, took longer than the timeout."""
+    """Connecting, receiving the response headers, or the next event or keep-alive took longer
+    than the timeout (``Client``'s docstring has the exact rule)."""
 
 
 class ConnectionLost(StreamError):
