@@ -38,7 +38,7 @@ from typing import Any, Final
 
 import orjson
 
-from .errors import DecodeError
+from .errors import DecodeError, LineTooLong
 from .lines import DEFAULT_MAX_LINE, check_lines, too_long
 
 __all__ = ["NDJSONDecoder", "decode_exact", "loads_exact", "long_digits"]
@@ -131,22 +131,30 @@ class NDJSONDecoder:
             lines[0] = b"".join(self._tail)
             joined = True
         if self._size + len(data) > self.max_line:
-            check_lines(lines, self.max_line, first)
+            try:
+                check_lines(lines, self.max_line, first)
+            except LineTooLong as exc:
+                # The lines before it are delivered first, like those before a malformed line.
+                exc.values = _decode_slowly(lines[: exc.line_number - first - 1], first)
+                raise
         self.line_number = first + len(lines)
         if rest:
             self._tail = [rest]
             self._size = len(rest)
-            if len(rest) > self.max_line:
-                raise too_long(self.max_line, self.line_number + 1, rest)
         else:
             self._tail = []
             self._size = 0
         try:
             values = list(map(orjson.loads, lines))
         except orjson.JSONDecodeError:
-            return _decode_slowly(lines, first)
-        if long_digits(data) or (joined and long_digits(lines[0])):
-            return _decode_slowly(lines, first)
+            values = _decode_slowly(lines, first)
+        else:
+            if long_digits(data) or (joined and long_digits(lines[0])):
+                values = _decode_slowly(lines, first)
+        if len(rest) > self.max_line:
+            error = too_long(self.max_line, self.line_number + 1, rest)
+            error.values = values
+            raise error
         return values
 
     def flush(self) -> list[Any]:

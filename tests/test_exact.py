@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stream.errors import DecodeError
+from stream.errors import DecodeError, LineTooLong
 from stream.jsonseq import JSONSeqDecoder
 from stream.ndjson import NDJSONDecoder, decode_exact, long_digits
 from stream.protocol import StreamState
@@ -160,3 +160,18 @@ def test_values_before_a_bad_line_are_in_the_error(
         decoder.flush()
     assert info.value.values == values
     assert info.value.line_number == line_number
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"1\n2\n123456789\n3\n", id="complete-line-too-long"),
+        pytest.param(b"1\n2\n123456789", id="unfinished-line-too-long"),
+    ],
+)
+def test_values_before_a_line_too_long_are_in_the_error(body: bytes) -> None:
+    decoder = NDJSONDecoder(max_line=8)
+    with pytest.raises(LineTooLong) as info:
+        decoder.feed(body)
+    assert info.value.values == [1, 2]
+    assert info.value.line_number == 3
