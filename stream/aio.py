@@ -1,9 +1,10 @@
 """The asynchronous client on ``httpx``: the only module of this package that imports it.
 
 The same API, keywords and semantics as ``stream.client.Client``, with ``async for``/``async
-with``. Everything that is not I/O lives in ``protocol.py`` (one ``StreamState`` per stream,
-shared with the requests client), so the two clients cannot drift apart; this module sends the
-requests, reads the body, translates transport errors and sleeps between attempts.
+with``. Everything that is not I/O lives in ``protocol.py``, the connect/read/resume loop
+included (``StreamState.drive``, a generator of I/O commands that the requests client runs
+too), so the two clients cannot drift apart; this module performs the commands: it sends the
+requests, reads the body, closes responses, translates transport errors and sleeps.
 
 Bytes come from ``response.aiter_bytes()`` with no chunk size: httpcore hands over whatever one
 socket read returned (a chunk of a chunked body, or the bytes of a close-delimited one), decoded

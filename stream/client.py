@@ -1,7 +1,9 @@
 """The synchronous client on ``requests``: the only module of this package that imports it.
 
-Everything that is not I/O lives in ``protocol.py`` (shared with the httpx client); this module
-sends the requests, reads the body, translates transport errors and sleeps between attempts.
+Everything that is not I/O lives in ``protocol.py``, the connect/read/resume loop included
+(``StreamState.drive``, a generator of I/O commands that the httpx client runs too); this module
+performs the commands: it sends the requests, reads the body, closes responses, translates
+transport errors and sleeps between attempts.
 
 Bytes come only from ``response.raw.read1(256 KiB, decode_content=True)``: urllib3's ``read1``
 returns as soon as *some* bytes are there (chunked or close-delimited), so each event reaches
