@@ -42,9 +42,9 @@ from typing import IO, Any
 import orjson
 
 from . import errors
-from .client import Client, _Hooks
+from .client import Client
 from .event import Event
-from .protocol import EVENTS, VALUES
+from .protocol import EVENTS, VALUES, Hooks
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     headers = dict(args.header)
-    hooks = _Hooks(
+    hooks = Hooks(
         on_bytes=on_bytes if args.raw else None,
         on_response=on_response,
         on_reconnect=on_reconnect,

@@ -1,9 +1,10 @@
 """The asynchronous client on ``httpx``: the only module of this package that imports it.
 
 The same API, keywords and semantics as ``stream.client.Client``, with ``async for``/``async
-with``. Everything that is not I/O lives in ``protocol.py`` (one ``StreamState`` per stream,
-shared with the requests client), so the two clients cannot drift apart; this module sends the
-requests, reads the body, translates transport errors and sleeps between attempts.
+with``. Everything that is not I/O lives in ``protocol.py``, the connect/read/resume loop
+included (``StreamState.drive``, a generator of I/O commands that the requests client runs
+too), so the two clients cannot drift apart; this module performs the commands: it sends the
+requests, reads the body, closes responses, translates transport errors and sleeps.
 
 Bytes come from ``response.aiter_bytes()`` with no chunk size: httpcore hands over whatever one
 socket read returned (a chunk of a chunked body, or the bytes of a close-delimited one), decoded
@@ -20,16 +21,28 @@ Deliberate differences from ``httpx`` defaults (to match the requests client):
 * ``timeout=(connect, read)`` becomes ``httpx.Timeout(connect=connect, read=read)``, with
   writes and the wait for a pooled connection bounded by ``connect`` (requests sends the request
   under the connect timeout too); an ``httpx.Timeout`` is taken as it is.
+* The read timeout bounds more than each read, exactly as in ``stream.client`` (whose module
+  docstring states the rule): receiving the complete response headers (from when the request
+  was sent), and the time from one decoded item (an event or a keep-alive) to the next.
+* Redirects are followed here, one hop at a time (``response.next_request``, built by httpx's
+  own rules, which drop ``Authorization`` on another host), when the httpx client follows them;
+  on a redirect to another origin the caller's headers are dropped too, as in
+  ``stream.client``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
-
-import orjson
 
 try:
     import httpx
@@ -43,13 +56,24 @@ from .event import Event
 from .protocol import (
     ERROR_BODY_LIMIT,
     EVENTS,
-    RETRYABLE_STATUSES,
+    NO_HOOKS,
     VALUES,
+    Cut,
+    Deliver,
+    Hooks,
     Mode,
-    ReconnectPolicy,
+    Pause,
+    Read,
+    Release,
     StreamState,
+    cross_origin,
     http_status_error,
+    join_url,
+    new_state,
+    publish_ids,
+    publish_request,
     request_headers,
+    stripped_on_redirect,
 )
 
 __all__ = ["AsyncClient", "AsyncStream"]
@@ -111,10 +135,52 @@ async def _status_error(response: httpx.Response) -> HTTPStatusError:
     return http_status_error(response.status_code, response.reason_phrase, body, response)
 
 
+async def _send(
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    *,
+    read: float | None,
+    strip: Collection[str],
+    stream: bool = True,
+) -> httpx.Response:
+    """Send ``request``, following redirects; the read timeout bounds each hop's headers."""
+    hops = 0
+    while True:
+        try:
+            async with asyncio.timeout(None) as deadline:
+                if read is not None:
+
+                    async def trace(name: str, info: Mapping[str, Any]) -> None:
+                        # httpx bounds each read; the headers as a whole are bounded from here.
+                        if name.endswith(".receive_response_headers.started"):
+                            deadline.reschedule(asyncio.get_running_loop().time() + read)
+
+                    request.extensions["trace"] = trace
+                response = await client.send(request, stream=stream, follow_redirects=False)
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(
+                f"no complete response headers within {read} s", request=request
+            ) from exc
+        following = response.next_request
+        if following is None or not client.follow_redirects:
+            return response
+        await _close(response)
+        hops += 1
+        if hops > client.max_redirects:
+            raise httpx.TooManyRedirects(
+                f"more than {client.max_redirects} redirects", request=request
+            )
+        if strip and cross_origin(str(request.url), str(following.url)):
+            for name in strip:
+                following.headers.pop(name, None)
+        request = following
+
+
 class _Reader:
-    """The I/O of one stream: requests, reads, reconnections (kept apart from ``AsyncStream``,
-    so the running generator holds no reference to its stream: a loop left with ``break`` drops
-    the last reference, and asyncio's async-generator finalizer closes the connection)."""
+    """The I/O of one stream: the commands of ``StreamState.drive`` performed with httpx (kept
+    apart from ``AsyncStream``, so the running generator holds no reference to its stream: a
+    loop left with ``break`` drops the last reference, and asyncio's async-generator finalizer
+    closes the connection)."""
 
     def __init__(
         self,
@@ -125,6 +191,8 @@ class _Reader:
         headers: Mapping[str, str],
         timeout: httpx.Timeout,
         state: StreamState,
+        hooks: Hooks = NO_HOOKS,
+        strip: Collection[str] = (),
     ) -> None:
         self._client = client
         self._url = url
@@ -133,11 +201,13 @@ class _Reader:
         self._headers = [(name.encode("ascii"), value.encode()) for name, value in headers.items()]
         self._timeout = timeout
         self._state = state
+        self._hooks = hooks
+        self._strip = strip
         self.closed = False
         self.response: httpx.Response | None = None
 
-    async def connect(self) -> None:
-        """Send the request and check status and media type (raises StreamError subclasses)."""
+    async def _connect(self) -> tuple[int, str | None, httpx.Response]:
+        """Send the request; a non-2xx answer raises HTTPStatusError (StreamError subclasses)."""
         headers = self._headers
         extra = self._state.request_headers()
         if extra:
@@ -149,86 +219,110 @@ class _Reader:
             request = self._client.build_request(
                 "GET", self._url, params=self._params, headers=headers, timeout=self._timeout
             )
-            response = await self._client.send(request, stream=True)
+            response = await _send(
+                self._client, request, read=self._timeout.read, strip=self._strip
+            )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _translate(exc, self._state.policy.attempts) from exc
         self.response = response
+        if self._hooks.on_response is not None:
+            self._hooks.on_response(response)
         if not 200 <= response.status_code < 300:
             raise await _status_error(response)
+        return response.status_code, response.headers.get("Content-Type"), response
+
+    async def open(self) -> None:
+        """The first request: send it and start the body (or raise, the response closed)."""
+        status, content_type, response = await self._connect()
         try:
-            self._state.start(response.headers.get("Content-Type"), response)
+            self._state.opened(status, content_type, response)
         except StreamError:
             await _close(response)
             raise
-
-    async def _resume(self, delay: float, cause: BaseException | None) -> bool:
-        """Wait and reconnect until it works (True) or the stream was closed (False)."""
-        state = self._state
-        while True:
-            await asyncio.sleep(delay)
-            if self.closed:
-                return False
-            try:
-                await self.connect()
-                return True
-            except (StreamTimeout, ConnectionLost) as exc:
-                cause = exc
-            except HTTPStatusError as exc:
-                if exc.status_code not in RETRYABLE_STATUSES:
-                    raise
-                cause = exc
-            delay = state.connect_failed(cause)
+        if status == 204:
+            await _close(response)
 
     async def run(self) -> AsyncGenerator[Iterable[Any], None]:
         """The batches of values (or Events) of the whole stream, across reconnections."""
-        state = self._state
+        read_timeout = self._timeout.read
+        on_bytes = self._hooks.on_bytes
+        on_reconnect = self._hooks.on_reconnect
         try:
             if self.response is None:
                 if self.closed:
                     return
-                await self.connect()
+                await self.open()
+            loop = asyncio.get_running_loop()
+            driver = self._state.drive(read_timeout=read_timeout, clock=loop.time)
+            answer: Any = None
+            error: StreamError | None = None
+            chunks: AsyncIterator[bytes] | None = None
+            reading: httpx.Response | None = None
             while True:
-                response = self.response
-                assert response is not None
-                feed = state.feed
-                cause: BaseException | None = None
                 try:
-                    async for chunk in response.aiter_bytes():
-                        out = feed(chunk)
-                        if out:
-                            yield out
-                            if state.stop:
-                                state.raise_error()
-                                return
-                except httpx.TimeoutException as exc:
-                    if self.closed:
-                        return
-                    raise StreamTimeout(f"no data for the read timeout: {exc}") from exc
-                except _CUT_ERRORS as exc:
-                    if self.closed:
-                        return
-                    cause = exc
-                except httpx.StreamClosed:
-                    # ``aclose()`` from another task closed the response under the read.
-                    if self.closed:
-                        return
-                    raise
-                except httpx.HTTPError as exc:
-                    # A broken Content-Encoding, say: not a cut, and resuming would not help.
-                    raise _translate(exc) from exc
-                if self.closed:
+                    if error is not None:
+                        command = driver.throw(error)
+                        error = None
+                    else:
+                        command = driver.send(answer)
+                except StopIteration:
                     return
-                if cause is None:
-                    out = state.finish()
-                    if out:
-                        yield out
-                        if state.stop:
-                            state.raise_error()
+                if isinstance(command, Read):
+                    response = self.response
+                    assert response is not None
+                    if response is not reading:
+                        reading = response
+                        chunks = response.aiter_bytes()
+                    assert chunks is not None
+                    try:
+                        if command.limit is None:
+                            answer = await anext(chunks, b"")
+                        else:
+                            async with asyncio.timeout(command.limit):
+                                answer = await anext(chunks, b"")
+                    except (httpx.TimeoutException, TimeoutError) as exc:
+                        if self.closed:
                             return
-                await _close(response)
-                delay = state.disconnected(clean=cause is None, cause=cause)
-                if delay is None or not await self._resume(delay, cause):
-                    return
+                        raise StreamTimeout(
+                            f"no complete event or keep-alive within {read_timeout} s: {exc}"
+                        ) from exc
+                    except _CUT_ERRORS as exc:
+                        if self.closed:
+                            return
+                        answer = Cut(exc)
+                        continue
+                    except httpx.StreamClosed:
+                        # ``aclose()`` from another task closed the response under the read.
+                        if self.closed:
+                            return
+                        raise
+                    except httpx.HTTPError as exc:
+                        # A broken Content-Encoding, say: not a cut, and resuming would not help.
+                        raise _translate(exc) from exc
+                    if not answer:
+                        if self.closed:
+                            return
+                    elif on_bytes is not None:
+                        on_bytes(answer)
+                elif isinstance(command, Deliver):
+                    yield command.batch
+                    answer = None
+                elif isinstance(command, Release):
+                    if self.response is not None:
+                        await _close(self.response)
+                    answer = None
+                elif isinstance(command, Pause):
+                    if on_reconnect is not None:
+                        on_reconnect(command.attempt, command.seconds, command.cause)
+                    await asyncio.sleep(command.seconds)
+                    if self.closed:
+                        return
+                    answer = None
+                else:  # Connect
+                    try:
+                        answer = await self._connect()
+                    except StreamError as exc:
+                        error = exc
         finally:
             if self.response is not None:
                 await _close(self.response)
@@ -281,7 +375,7 @@ class AsyncStream(Generic[T]):
         reader = self._reader
         if reader.response is None and not reader.closed:
             try:
-                await reader.connect()
+                await reader.open()
             except BaseException:
                 await self.aclose()
                 raise
@@ -306,7 +400,26 @@ class AsyncStream(Generic[T]):
 
 
 class AsyncClient:
-    """A streaming client for one service (``base_url``), on one ``httpx.AsyncClient``."""
+    """A streaming client for one service (``base_url``), on one ``httpx.AsyncClient``.
+
+    Keywords: ``session``/``client`` (created and closed by this client when not given),
+    ``timeout``, ``reconnect`` (None: resume once the server sent an id), ``headers`` (sent with
+    every request, dropped on a redirect to another origin), ``max_attempts`` (resuming
+    attempts in a row that deliver nothing before ``ConnectionLost``; None: never give up),
+    ``backoff_initial`` and ``backoff_max`` (the wait before a resume: full jitter up to
+    ``backoff_max``; a server's ``retry:`` is honoured up to ``backoff_max`` too, 30 s by
+    default).
+
+    ``timeout=(connect, read)`` (a number is both; None: no bound):
+
+    * ``connect`` bounds connecting and sending the request;
+    * ``read`` bounds receiving the complete response headers, and the time from one decoded
+      item of the body to the next, an item being an event (a value) or a keep-alive. Bytes
+      that arrive without completing an item do not count: a server that trickles a byte a
+      second without ever finishing an event gets ``StreamTimeout`` ``read`` seconds after
+      the last item, like a silent one. The time the caller spends between two items is not
+      counted.
+    """
 
     def __init__(
         self,
@@ -350,11 +463,7 @@ class AsyncClient:
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
-        if path.startswith(("http://", "https://")):
-            return path
-        if not self.base_url:
-            raise ValueError(f"{path!r} is not a full URL and the client has no base_url")
-        return self.base_url + "/" + path.lstrip("/")
+        return join_url(self.base_url, path)
 
     def stream(
         self,
@@ -418,19 +527,17 @@ class AsyncClient:
         reconnect: bool | None = None,
         timeout: Timeout = None,
         on_reset: Callable[[Event], object] | None = None,
+        hooks: Hooks = NO_HOOKS,
     ) -> AsyncStream[Any]:
         merged = request_headers(self.headers, headers, format)
-        policy = ReconnectPolicy(
-            initial=self.backoff_initial,
-            maximum=self.backoff_max,
-            max_attempts=self.max_attempts,
-        )
-        state = StreamState(
+        state = new_state(
             mode,
             last_event_id=last_event_id,
             reconnect=reconnect if reconnect is not None else self.reconnect,
             on_reset=on_reset,
-            policy=policy,
+            max_attempts=self.max_attempts,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
         )
         reader = _Reader(
             self.client,
@@ -439,6 +546,8 @@ class AsyncClient:
             headers=merged,
             timeout=_timeout(timeout if timeout is not None else self.timeout),
             state=state,
+            hooks=hooks,
+            strip=stripped_on_redirect(self.headers, headers),
         )
         return AsyncStream(reader, state)
 
@@ -450,36 +559,26 @@ class AsyncClient:
         token: str | None = None,
     ) -> list[str]:
         """Publish values to a channel (``POST /channels/<name>``) and return their ids."""
-        if not values:
-            raise ValueError("publish() needs at least one value")
-        headers = dict(self.headers)
-        if len(values) == 1:
-            body = orjson.dumps(values[0])
-            headers["Content-Type"] = "application/json"
-        else:
-            body = b"".join(
-                orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values
-            )
-            headers["Content-Type"] = "application/x-ndjson"
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        params = {"event": event} if event is not None else None
+        path, body, headers, params = publish_request(
+            channel, values, event=event, token=token, headers=self.headers
+        )
+        timeout = _timeout(self.timeout)
         try:
-            response = await self.client.post(
-                self.url("/channels/" + quote(channel, safe="")),
+            request = self.client.build_request(
+                "POST",
+                self.url(path),
                 params=params,
                 content=body,
                 headers=headers,
-                timeout=_timeout(self.timeout),
+                timeout=timeout,
+            )
+            response = await _send(
+                self.client,
+                request,
+                read=timeout.read,
+                strip=stripped_on_redirect(headers),
+                stream=False,
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _translate(exc) from exc
-        if not 200 <= response.status_code < 300:
-            raise http_status_error(
-                response.status_code, response.reason_phrase, response.content, response
-            )
-        try:
-            ids = orjson.loads(response.content)["ids"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise StreamError(f"unexpected publish answer: {response.content[:200]!r}") from exc
-        return [str(ident) for ident in ids]
+        return publish_ids(response.status_code, response.reason_phrase, response.content, response)

@@ -1,7 +1,9 @@
 """The synchronous client on ``requests``: the only module of this package that imports it.
 
-Everything that is not I/O lives in ``protocol.py`` (shared with the httpx client); this module
-sends the requests, reads the body, translates transport errors and sleeps between attempts.
+Everything that is not I/O lives in ``protocol.py``, the connect/read/resume loop included
+(``StreamState.drive``, a generator of I/O commands that the httpx client runs too); this module
+performs the commands: it sends the requests, reads the body, closes responses, translates
+transport errors and sleeps between attempts.
 
 Bytes come only from ``response.raw.read1(256 KiB, decode_content=True)``: urllib3's ``read1``
 returns as soon as *some* bytes are there (chunked or close-delimited), so each event reaches
@@ -9,37 +11,73 @@ the caller as soon as its bytes arrive, and a busy stream is read in large slice
 ``iter_lines``/``iter_content``: they wait for a full chunk of their size on non-chunked bodies.
 
 Transport errors are translated in one place (``_translate``) and chained with ``raise ... from``.
+
+Timeouts, ``timeout=(connect, read)`` as in requests (a number is both):
+
+* ``connect`` bounds connecting (and sending the request);
+* ``read`` bounds receiving the complete response headers, counted from when the request was
+  sent (requests alone bounds each ``recv``, so a server that trickles its headers a byte at a
+  time holds it forever; the bound needs the client's own session, or a ``DeadlineAdapter``
+  mounted on the session passed in), and the time from one decoded item of the body to the
+  next, an item being an event or a keep-alive: a server that stays silent, or that trickles
+  bytes without ever completing one, gets ``StreamTimeout`` ``read`` seconds after the last
+  item. Time the caller spends between two items is not counted.
+
+Redirects are followed as requests does (``Authorization`` dropped on another host), and on a
+redirect to another origin (scheme, host, port) every header the caller gave (``headers=`` of
+the ``Client`` or of the call) is dropped too, except ``Accept`` and ``Content-Type``, which say
+what is asked and sent, not who asks: an ``X-Api-Key`` never reaches another host.
 """
 
 from __future__ import annotations
 
 import http.client
 import socket
+import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import urljoin
 
-import orjson
-import requests
-import urllib3.exceptions
+try:
+    import requests
+    import requests.adapters
+    import urllib3.connection
+    import urllib3.connectionpool
+    import urllib3.exceptions
+    import urllib3.response
+except ModuleNotFoundError as exc:
+    from ._extras import missing
+
+    raise missing("client", exc) from exc
 
 from .errors import ConnectionLost, HTTPStatusError, StreamError, StreamTimeout
 from .event import Event
 from .protocol import (
     ERROR_BODY_LIMIT,
     EVENTS,
-    RETRYABLE_STATUSES,
+    NO_HOOKS,
     VALUES,
+    Cut,
+    Deliver,
+    Hooks,
     Mode,
-    ReconnectPolicy,
+    Pause,
+    Read,
+    Release,
     StreamState,
+    cross_origin,
     http_status_error,
+    join_url,
+    new_state,
+    publish_ids,
+    publish_request,
     request_headers,
+    stripped_on_redirect,
 )
 
-__all__ = ["Client", "Stream"]
+__all__ = ["Client", "DeadlineAdapter", "Stream"]
 
 T = TypeVar("T")
 
@@ -84,6 +122,116 @@ def _translate(exc: BaseException, attempts: int = 0) -> StreamError:
     return StreamError(f"request failed: {_reason(exc)}")
 
 
+def _read_timeout(timeout: Timeout) -> float | None:
+    """The read part of a requests ``timeout``."""
+    if isinstance(timeout, tuple):
+        return timeout[1]
+    return timeout
+
+
+class _HeadersDeadline(urllib3.connection.HTTPConnection):
+    """A connection whose response headers must all arrive within the read timeout."""
+
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        # urllib3 sets ``timeout`` to the read timeout just before this call; http.client uses
+        # it per recv, so a server that trickles its headers would never time out.
+        timeout = self.timeout
+        sock = self.sock
+        if not isinstance(timeout, int | float) or sock is None:
+            return super().getresponse()
+        lock = threading.Lock()
+        state = {"done": False, "fired": False}
+
+        def expire() -> None:
+            with lock:
+                if state["done"]:
+                    return
+                state["fired"] = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv
+            except OSError:
+                pass
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            response = super().getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            if state["fired"]:
+                # urllib3 turns a socket timeout into its ReadTimeoutError (requests.ReadTimeout).
+                raise TimeoutError(f"no complete response headers within {timeout} s") from exc
+            raise
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()
+        return response
+
+
+class _HeadersDeadlineTLS(_HeadersDeadline, urllib3.connection.HTTPSConnection):
+    """The HTTPS twin of ``_HeadersDeadline``."""
+
+
+class _Pool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HeadersDeadline
+
+
+class _TLSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HeadersDeadlineTLS
+
+
+_POOLS: dict[str, type[urllib3.connectionpool.HTTPConnectionPool]] = {
+    "http": _Pool,
+    "https": _TLSPool,
+}
+
+
+class DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """A requests adapter whose read timeout also bounds receiving the whole response headers.
+
+    ``Client`` mounts it on the session it creates; mount it on a session you pass in
+    (``session.mount("http://", DeadlineAdapter())``, likewise ``https://``) for the same bound.
+    """
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+
+def _redirect_hook(names: Collection[str]) -> Callable[..., requests.Response]:
+    """A response hook that drops the caller's headers before a redirect to another origin.
+
+    requests builds each redirected request from the previous one after the response hooks
+    ran, so removing the names from the request that was just answered removes them from the
+    next (Session.resolve_redirects).
+    """
+
+    def hook(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+        location = response.headers.get("Location") if response.is_redirect else None
+        request = response.request
+        if location and request is not None and request.url:
+            target = urljoin(response.url or request.url, location)
+            if cross_origin(request.url, target):
+                for name in names:
+                    request.headers.pop(name, None)
+        return response
+
+    return hook
+
+
+def _socket(response: requests.Response) -> socket.socket | None:
+    """The response's socket (to bound a read by the time left), None if urllib3 hides it."""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
 def _shutdown(response: requests.Response) -> None:
     """Shut the response's socket down, so that a read blocked in another thread returns."""
     try:
@@ -100,28 +248,11 @@ def _close(response: requests.Response) -> None:
         pass
 
 
-class _Hooks:
-    """Observers for the command line: raw bytes, each response, each reconnection."""
-
-    def __init__(
-        self,
-        *,
-        on_bytes: Callable[[bytes], object] | None = None,
-        on_response: Callable[[requests.Response], object] | None = None,
-        on_reconnect: Callable[[int, float, BaseException | None], object] | None = None,
-    ) -> None:
-        self.on_bytes = on_bytes
-        self.on_response = on_response
-        self.on_reconnect = on_reconnect
-
-
-_NO_HOOKS = _Hooks()
-
-
 class _Reader:
-    """The I/O of one stream: requests, reads, reconnections (kept apart from ``Stream``, so the
-    running generator holds no reference to its ``Stream``: a loop left with ``break`` drops the
-    last reference to the generator, whose ``finally`` closes the connection at once)."""
+    """The I/O of one stream: the commands of ``StreamState.drive`` performed with requests
+    (kept apart from ``Stream``, so the running generator holds no reference to its
+    ``Stream``: a loop left with ``break`` drops the last reference to the generator, whose
+    ``finally`` closes the connection at once)."""
 
     def __init__(
         self,
@@ -132,7 +263,8 @@ class _Reader:
         headers: dict[str, str | bytes],
         timeout: Timeout,
         state: StreamState,
-        hooks: _Hooks,
+        hooks: Hooks,
+        strip: Collection[str] = (),
     ) -> None:
         self._session = session
         self._url = url
@@ -141,11 +273,12 @@ class _Reader:
         self._timeout = timeout
         self._state = state
         self._hooks = hooks
+        self._redirect_hooks = {"response": [_redirect_hook(strip)]} if strip else None
         self._closed = False
         self.response: requests.Response | None = None
 
-    def _connect(self) -> None:
-        """Send the request and check status and media type (raises StreamError subclasses)."""
+    def _connect(self) -> tuple[int, str | None, requests.Response]:
+        """Send the request; a non-2xx answer raises HTTPStatusError (StreamError subclasses)."""
         headers = dict(self._headers)
         headers.update(self._state.request_headers())
         try:
@@ -155,6 +288,7 @@ class _Reader:
                 headers=headers,
                 stream=True,
                 timeout=self._timeout,
+                hooks=self._redirect_hooks,
             )
         except requests.RequestException as exc:
             raise _translate(exc, self._state.policy.attempts) from exc
@@ -163,85 +297,100 @@ class _Reader:
             self._hooks.on_response(response)
         if not 200 <= response.status_code < 300:
             raise _status_error(response)
+        return response.status_code, response.headers.get("Content-Type"), response
+
+    def open(self) -> None:
+        """The first request: send it and start the body (or raise, the response closed)."""
+        status, content_type, response = self._connect()
         try:
-            self._state.start(response.headers.get("Content-Type"), response)
+            self._state.opened(status, content_type, response)
         except StreamError:
             _close(response)
             raise
-
-    def _resume(self, delay: float, cause: BaseException | None) -> bool:
-        """Wait and reconnect until it works (True) or the stream was closed (False)."""
-        state = self._state
-        while True:
-            if self._hooks.on_reconnect is not None:
-                self._hooks.on_reconnect(state.policy.attempts, delay, cause)
-            time.sleep(delay)
-            if self._closed:
-                return False
-            try:
-                self._connect()
-                return True
-            except (StreamTimeout, ConnectionLost) as exc:
-                cause = exc
-            except HTTPStatusError as exc:
-                if exc.status_code not in RETRYABLE_STATUSES:
-                    raise
-                cause = exc
-            delay = state.connect_failed(cause)
+        if status == 204:
+            _close(response)
 
     def run(self) -> Generator[Iterable[Any], None, None]:
-        state = self._state
+        """The batches of values (or Events) of the whole stream, across reconnections."""
+        read_timeout = _read_timeout(self._timeout)
         on_bytes = self._hooks.on_bytes
+        on_reconnect = self._hooks.on_reconnect
         try:
             if self.response is None:
                 if self._closed:
                     return
-                self._connect()
+                self.open()
+            driver = self._state.drive(read_timeout=read_timeout, clock=time.monotonic)
+            answer: Any = None
+            error: StreamError | None = None
+            read1: Callable[..., bytes] | None = None
+            reading: requests.Response | None = None
+            sock: socket.socket | None = None
+            limited = False  # the socket's timeout is a deadline's remainder, not read_timeout
             while True:
-                response = self.response
-                assert response is not None
-                read1 = response.raw.read1
-                feed = state.feed
-                cause: BaseException | None = None
                 try:
-                    while True:
-                        chunk = read1(READ_SIZE, decode_content=True)
-                        if not chunk:
-                            break
-                        if on_bytes is not None:
-                            on_bytes(chunk)
-                        out = feed(chunk)
-                        if out:
-                            yield out
-                            if state.stop:
-                                state.raise_error()
-                                return
-                except _TIMEOUT_ERRORS as exc:
-                    if self._closed:
-                        return
-                    raise StreamTimeout(f"no data for the read timeout: {exc}") from exc
-                except _CUT_ERRORS as exc:
-                    if self._closed:
-                        return
-                    cause = exc
-                except (AttributeError, ValueError):
-                    # http.client's file vanished under the read: close() from another thread.
-                    if self._closed:
-                        return
-                    raise
-                if self._closed:
+                    if error is not None:
+                        command = driver.throw(error)
+                        error = None
+                    else:
+                        command = driver.send(answer)
+                except StopIteration:
                     return
-                if cause is None:
-                    out = state.finish()
-                    if out:
-                        yield out
-                        if state.stop:
-                            state.raise_error()
+                if isinstance(command, Read):
+                    response = self.response
+                    assert response is not None
+                    if response is not reading:
+                        reading = response
+                        read1 = response.raw.read1
+                        sock = _socket(response) if read_timeout is not None else None
+                        limited = False
+                    assert read1 is not None
+                    limit = command.limit
+                    if sock is not None and (limit is not None or limited):
+                        sock.settimeout(limit if limit is not None else read_timeout)
+                        limited = limit is not None
+                    try:
+                        answer = read1(READ_SIZE, decode_content=True)
+                    except _TIMEOUT_ERRORS as exc:
+                        if self._closed:
                             return
-                _close(response)
-                delay = state.disconnected(clean=cause is None, cause=cause)
-                if delay is None or not self._resume(delay, cause):
-                    return
+                        raise StreamTimeout(
+                            f"no complete event or keep-alive within {read_timeout} s: {exc}"
+                        ) from exc
+                    except _CUT_ERRORS as exc:
+                        if self._closed:
+                            return
+                        answer = Cut(exc)
+                        continue
+                    except (AttributeError, ValueError):
+                        # http.client's file vanished under the read: close() from a thread.
+                        if self._closed:
+                            return
+                        raise
+                    if not answer:
+                        if self._closed:
+                            return
+                    elif on_bytes is not None:
+                        on_bytes(answer)
+                elif isinstance(command, Deliver):
+                    yield command.batch
+                    answer = None
+                elif isinstance(command, Release):
+                    if self.response is not None:
+                        _close(self.response)
+                    answer = None
+                elif isinstance(command, Pause):
+                    if on_reconnect is not None:
+                        on_reconnect(command.attempt, command.seconds, command.cause)
+                    time.sleep(command.seconds)
+                    if self._closed:
+                        return
+                    answer = None
+                else:  # Connect
+                    try:
+                        answer = self._connect()
+                    except StreamError as exc:
+                        error = exc
         finally:
             if self.response is not None:
                 _close(self.response)
@@ -279,7 +428,7 @@ class Stream(Generic[T]):
         reader = self._reader
         if reader.response is None and not reader._closed:
             try:
-                reader._connect()
+                reader.open()
             except BaseException:
                 self.close()
                 raise
@@ -317,7 +466,27 @@ def _status_error(response: requests.Response) -> HTTPStatusError:
 
 
 class Client:
-    """A streaming client for one service (``base_url``), on one ``requests.Session``."""
+    """A streaming client for one service (``base_url``), on one ``requests.Session``.
+
+    Keywords: ``session``/``client`` (created and closed by this client when not given),
+    ``timeout``, ``reconnect`` (None: resume once the server sent an id), ``headers`` (sent with
+    every request, dropped on a redirect to another origin), ``max_attempts`` (resuming
+    attempts in a row that deliver nothing before ``ConnectionLost``; None: never give up),
+    ``backoff_initial`` and ``backoff_max`` (the wait before a resume: full jitter up to
+    ``backoff_max``; a server's ``retry:`` is honoured up to ``backoff_max`` too, 30 s by
+    default).
+
+    ``timeout=(connect, read)`` (a number is both; None: no bound):
+
+    * ``connect`` bounds connecting and sending the request;
+    * ``read`` bounds receiving the complete response headers (on
+      a session passed in, with ``DeadlineAdapter`` mounted), and the time from one decoded
+      item of the body to the next, an item being an event (a value) or a keep-alive. Bytes
+      that arrive without completing an item do not count: a server that trickles a byte a
+      second without ever finishing an event gets ``StreamTimeout`` ``read`` seconds after
+      the last item, like a silent one. The time the caller spends between two items is not
+      counted.
+    """
 
     def __init__(
         self,
@@ -333,7 +502,11 @@ class Client:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_session = session is None
-        self.session = session if session is not None else requests.Session()
+        if session is None:
+            session = requests.Session()
+            session.mount("http://", DeadlineAdapter())
+            session.mount("https://", DeadlineAdapter())
+        self.session = session
         self.timeout = timeout
         self.reconnect = reconnect
         self.headers: dict[str, str] = dict(headers or {})
@@ -354,11 +527,7 @@ class Client:
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
-        if path.startswith(("http://", "https://")):
-            return path
-        if not self.base_url:
-            raise ValueError(f"{path!r} is not a full URL and the client has no base_url")
-        return self.base_url + "/" + path.lstrip("/")
+        return join_url(self.base_url, path)
 
     def stream(
         self,
@@ -422,20 +591,17 @@ class Client:
         reconnect: bool | None = None,
         timeout: Timeout = None,
         on_reset: Callable[[Event], object] | None = None,
-        hooks: _Hooks = _NO_HOOKS,
+        hooks: Hooks = NO_HOOKS,
     ) -> Stream[Any]:
         merged: dict[str, str | bytes] = {**request_headers(self.headers, headers, format)}
-        policy = ReconnectPolicy(
-            initial=self.backoff_initial,
-            maximum=self.backoff_max,
-            max_attempts=self.max_attempts,
-        )
-        state = StreamState(
+        state = new_state(
             mode,
             last_event_id=last_event_id,
             reconnect=reconnect if reconnect is not None else self.reconnect,
             on_reset=on_reset,
-            policy=policy,
+            max_attempts=self.max_attempts,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
         )
         reader = _Reader(
             self.session,
@@ -445,6 +611,7 @@ class Client:
             timeout=timeout if timeout is not None else self.timeout,
             state=state,
             hooks=hooks,
+            strip=stripped_on_redirect(self.headers, headers),
         )
         return Stream(reader, state)
 
@@ -456,37 +623,22 @@ class Client:
         token: str | None = None,
     ) -> list[str]:
         """Publish values to a channel (``POST /channels/<name>``) and return their ids."""
-        if not values:
-            raise ValueError("publish() needs at least one value")
-        headers = dict(self.headers)
-        if len(values) == 1:
-            body = orjson.dumps(values[0])
-            headers["Content-Type"] = "application/json"
-        else:
-            body = b"".join(
-                orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values
-            )
-            headers["Content-Type"] = "application/x-ndjson"
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        params = {"event": event} if event is not None else None
+        path, body, headers, params = publish_request(
+            channel, values, event=event, token=token, headers=self.headers
+        )
+        strip = stripped_on_redirect(headers)
         try:
             response = self.session.post(
-                self.url("/channels/" + quote(channel, safe="")),
+                self.url(path),
                 params=params,
                 data=body,
                 headers=headers,
                 timeout=self.timeout,
+                hooks={"response": [_redirect_hook(strip)]} if strip else None,
             )
         except requests.RequestException as exc:
             raise _translate(exc) from exc
         with response:
-            if not 200 <= response.status_code < 300:
-                raise http_status_error(
-                    response.status_code, response.reason or "", response.content, response
-                )
-            try:
-                ids = orjson.loads(response.content)["ids"]
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                raise StreamError(f"unexpected publish answer: {response.content[:200]!r}") from exc
-        return [str(ident) for ident in ids]
+            return publish_ids(
+                response.status_code, response.reason or "", response.content, response
+            )

@@ -5,11 +5,11 @@
     StreamError            base of everything this package raises
     ├── HTTPStatusError    a non-2xx answer (.status_code, .body, .response)
     ├── ContentTypeError   a 2xx answer in a media type no decoder reads (.content_type)
-    ├── DecodeError        a malformed line or text in the body (.line_number, .line)
+    ├── DecodeError        a malformed line or text in the body (.line_number, .line, .values)
     │   └── LineTooLong    a line grew past the decoder's maximum size
     ├── RemoteError        the server's error event after the stream started (.code, .message)
     ├── StreamReset        the events after our Last-Event-ID are gone (.event)
-    ├── StreamTimeout      connecting, or waiting for the next bytes, took too long
+    ├── StreamTimeout      connecting, the response headers, or the next event took too long
     └── ConnectionLost     the connection was cut and cannot be resumed (.attempts)
 
 Transport errors (requests', httpx's, socket errors) are translated in one place per client and
@@ -45,12 +45,19 @@ class ContentTypeError(StreamError):
 
 
 class DecodeError(StreamError):
-    """A line (NDJSON), an event's data (SSE) or a text (JSON-seq) is not valid JSON."""
+    """A line (NDJSON), an event's data (SSE) or a text (JSON-seq) is not valid JSON or UTF-8.
 
-    def __init__(self, message: str, *, line_number: int, line: bytes = b"") -> None:
+    Raised by a decoder's ``feed``/``flush``, ``values`` holds what that same call decoded before
+    the bad line (the clients deliver them before raising).
+    """
+
+    def __init__(
+        self, message: str, *, line_number: int, line: bytes = b"", values: list[Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.line_number = line_number
         self.line = line
+        self.values: list[Any] = values if values is not None else []
 
 
 class LineTooLong(DecodeError):
@@ -75,7 +82,8 @@ class StreamReset(StreamError):
 
 
 class StreamTimeout(StreamError):
-    """Connecting, or waiting for the next bytes, took longer than the timeout."""
+    """Connecting, receiving the response headers, or the next event or keep-alive took longer
+    than the timeout (``Client``'s docstring has the exact rule)."""
 
 
 class ConnectionLost(StreamError):

@@ -23,6 +23,10 @@ Departures from the spec, on purpose:
   server that forgets the first RS still gets through.
 - Empty and whitespace-only texts (a lone RS, consecutive RSes) are skipped: they are the
   server's keep-alives (CONTRACT.md); section 2.1 allows ignoring consecutive RSes.
+- A UTF-8 byte order mark at the very start of the body is skipped, as in NDJSON.
+
+Values are decoded exactly as ``json.loads`` would (``stream.ndjson.decode_exact``: orjson,
+with ``json.loads`` where orjson refuses a text or may round a long integer).
 
 Speed: a read is split on RS at once; when every RS in it follows an LF (the usual case) the
 complete texts are decoded by one list comprehension over ``orjson.loads``, with a slow path to
@@ -39,10 +43,12 @@ import orjson
 
 from .errors import DecodeError
 from .lines import DEFAULT_MAX_LINE, check_lines, too_long
+from .ndjson import decode_exact, long_digits
 
 __all__ = ["JSONSeqDecoder"]
 
 _RS: Final = b"\x1e"
+_BOM: Final = b"\xef\xbb\xbf"
 _WHITESPACE: Final = b" \t\r\n"  # JSON's insignificant whitespace (RFC 8259, section 2)
 #: the last byte of a complete JSON text can only be one of these
 _CAN_END: Final = frozenset(b'}]"0123456789el')
@@ -53,7 +59,16 @@ _CHEAP_PARSE: Final = 64 * 1024
 class JSONSeqDecoder:
     """Decode ``application/json-seq`` from reads of any size into the values of its texts."""
 
-    __slots__ = ("max_line", "line_number", "_pieces", "_size", "_depth", "_last", "_delivered")
+    __slots__ = (
+        "max_line",
+        "line_number",
+        "_pieces",
+        "_size",
+        "_depth",
+        "_last",
+        "_delivered",
+        "_head",
+    )
 
     def __init__(self, *, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
@@ -64,9 +79,23 @@ class JSONSeqDecoder:
         self._depth = 0  # opening minus closing brackets in them (strings not excluded)
         self._last = 0  # their last non-whitespace byte (0: none yet)
         self._delivered = False  # the current text already parsed at an LF and was delivered
+        # The first bytes, held until we know whether they start a BOM; None once we know.
+        self._head: bytes | None = b""
 
     def feed(self, data: bytes) -> list[Any]:
-        """The values of every text that ``data`` completes (keep-alives skipped)."""
+        """The values of every text that ``data`` completes (keep-alives skipped).
+
+        A ``DecodeError`` carries in ``values`` the values of the texts before the bad one in
+        this read.
+        """
+        if self._head is not None:
+            data = self._head + data
+            if len(data) < len(_BOM) and _BOM.startswith(data):
+                self._head = data
+                return []
+            self._head = None
+            if data.startswith(_BOM):
+                data = data[len(_BOM) :]
         start = data.find(_RS)
         if start < 0:
             self._append(data)
@@ -82,28 +111,38 @@ class JSONSeqDecoder:
                 check_lines(texts, self.max_line, self.line_number)
             # Every RS right after an LF: each complete text is non-empty and ends in
             # whitespace, so section 2.4's truncation check cannot fail.
-            if rest.count(b"\n\x1e") == len(texts):
-                loads = orjson.loads
+            if rest.count(b"\n\x1e") == len(texts) and not long_digits(rest):
                 try:
-                    decoded = [loads(text) for text in texts]
+                    decoded = list(map(orjson.loads, texts))
                 except orjson.JSONDecodeError:
-                    decoded = self._decode_slowly(texts)
+                    decoded = self._decode_slowly(texts, before=values)
                 else:
                     self.line_number += len(texts)
             else:
-                decoded = self._decode_slowly(texts)
+                decoded = self._decode_slowly(texts, before=values)
             if values:
                 values.extend(decoded)
             else:
                 values = decoded
         if last:
-            self._append(last)
-            values.extend(self._try_current())
+            try:
+                self._append(last)
+                values.extend(self._try_current())
+            except DecodeError as exc:
+                exc.values[:0] = values
+                raise
         return values
 
     def flush(self) -> list[Any]:
         """At the end of the body: the value of the last text; a truncated one is a DecodeError."""
+        if self._head:
+            self._append(self._head)  # a body of one or two bytes of a BOM: not JSON
+        self._head = b""  # a next body (the decoder reused) may start with its own BOM
         return self._finish_current(truncated=True)
+
+    def pending(self) -> bool:
+        """Whether part of a text has arrived and it is not complete yet (whitespace is none)."""
+        return self._last != 0 and not self._delivered
 
     def _append(self, data: bytes) -> None:
         """Add ``data`` to the current text."""
@@ -136,8 +175,8 @@ class JSONSeqDecoder:
             return []
         text = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError:
+            value = decode_exact(text)
+        except ValueError:
             self._pieces = [text]  # pretty-printed and not finished yet: wait for more
             return []
         self.line_number += 1
@@ -163,8 +202,14 @@ class JSONSeqDecoder:
         self._last = 0
         self._delivered = False
 
-    def _decode_slowly(self, texts: list[bytes], *, truncated: bool = False) -> list[Any]:
-        """Decode ``texts`` one by one, counting them and raising at the first bad one."""
+    def _decode_slowly(
+        self, texts: list[bytes], *, truncated: bool = False, before: list[Any] | None = None
+    ) -> list[Any]:
+        """Decode ``texts`` one by one, counting them and raising at the first bad one.
+
+        The error's ``values`` are ``before`` (what this read decoded earlier) and the values of
+        the texts before the bad one.
+        """
         values: list[Any] = []
         for text in texts:
             if not text.strip(_WHITESPACE):
@@ -173,10 +218,13 @@ class JSONSeqDecoder:
             number = self.line_number
             what = "truncated" if truncated else "not valid JSON"
             try:
-                value = orjson.loads(text)
-            except orjson.JSONDecodeError as exc:
+                value = decode_exact(text)
+            except ValueError as exc:
                 raise DecodeError(
-                    f"JSON text {number} is {what}: {exc}", line_number=number, line=text
+                    f"JSON text {number} is {what}: {exc}",
+                    line_number=number,
+                    line=text,
+                    values=[*(before or ()), *values],
                 ) from exc
             # RFC 7464, section 2.4: a top-level number, true, false or null must be followed
             # by whitespace, else it may have been cut short.
@@ -186,6 +234,7 @@ class JSONSeqDecoder:
                     "not followed by whitespace)",
                     line_number=number,
                     line=text,
+                    values=[*(before or ()), *values],
                 )
             values.append(value)
         return values

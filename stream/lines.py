@@ -104,6 +104,10 @@ class LineSplitter:
             self._size = 0
         return block
 
+    def pending(self) -> bool:
+        """Whether an unfinished line is held."""
+        return bool(self._tail)
+
     def flush(self) -> list[bytes]:
         """At the end of the stream: the unterminated last line, if it has any bytes."""
         tail = self._tail

@@ -1,40 +1,96 @@
-"""Incremental NDJSON decoder (pure: no I/O; standard library and orjson only).
+"""Incremental NDJSON decoder, and the exact JSON decoding every decoder shares (pure: no I/O).
 
 Spec: https://github.com/ndjson/ndjson-spec (each line one JSON text, lines ended by LF,
 CRLF tolerated). Also read by the same rules: JSON Lines, https://jsonlines.org/.
 
+Exact decoding (CONTRACT.md, section 2): a value is what ``json.loads`` gives for its text, or a
+``DecodeError``. orjson, the fast path, differs in three places: it rounds integers beyond 64
+bits to floats (``12345678901234567890123``), and refuses numbers that overflow a double
+(``1e400``, ``inf`` for ``json.loads``) and lone surrogate escapes (``"\\ud800"``). A text orjson
+refuses is decoded again by ``json.loads`` (``NaN`` and ``Infinity`` still refused: they are not
+JSON); a read that may hold an integer orjson rounds (a run of 19 or more digits: 2**63 has 19)
+is decoded by ``json.loads`` line by line where such a run is. ``long_digits`` tells at the cost
+of a ninth of the read: any 19 consecutive bytes hold two positions that are multiples of 9.
+
 Departures from the spec, on purpose:
 
-- Empty and whitespace-only lines are skipped instead of being errors: they are the server's
-  keep-alives (CONTRACT.md, "an empty line"), and the ndjson spec's own "parsers MAY silently
-  ignore empty lines" covers the empty ones.
+- Whitespace between values is nothing: empty and whitespace-only lines are skipped, and so is
+  whitespace before a value on its line. The server's NDJSON keep-alive is a single space with
+  no newline (CONTRACT.md), JSON whitespace before the next value; older servers sent an empty
+  line, which the ndjson spec's "parsers MAY silently ignore empty lines" covers.
 - Only LF ends a line, as the spec says; a CR before it is JSON whitespace and orjson ignores it,
   so CRLF needs no extra work. A lone CR is *not* a line end (it would be in SSE).
+- A UTF-8 byte order mark at the very start of the body is skipped (RFC 8259, section 8.1,
+  lets a parser ignore it).
 
-Speed: a whole read is split at once with ``bytes.split(b"\\n")`` and decoded by one list
-comprehension over ``orjson.loads``; only when that raises does a slow path walk the lines
-again to find the bad line's number. Only the unfinished last line is carried into the next
-read (as a list of pieces, so a long line fed in small reads costs linear time).
+Speed: a whole read is split at once with ``bytes.split(b"\\n")`` and decoded by ``map`` over
+``orjson.loads``; only when that raises (a blank line, a bad line, a text orjson refuses) or the
+read may hold a long integer does a slow path walk the lines again. Only the unfinished last
+line is carried into the next read (as a list of pieces, so a long line fed in small reads
+costs linear time).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import re
+from typing import Any, Final
 
 import orjson
 
-from .errors import DecodeError
+from .errors import DecodeError, LineTooLong
 from .lines import DEFAULT_MAX_LINE, check_lines, too_long
 
-__all__ = ["NDJSONDecoder"]
+__all__ = ["NDJSONDecoder", "decode_exact", "loads_exact", "long_digits"]
 
-_WHITESPACE = b" \t\r\n"  # JSON's insignificant whitespace (RFC 8259, section 2)
+_WHITESPACE: Final = b" \t\r\n"  # JSON's insignificant whitespace (RFC 8259, section 2)
+_BOM: Final = b"\xef\xbb\xbf"
+_NOT_WHITESPACE: Final = re.compile(rb"[^ \t\r\n]")
+#: bytes.translate table: digits stay "0", every other byte becomes a space
+_DIGITS: Final = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+#: the shortest digit run that may be an integer orjson rounds (-2**63 - 1 has 19 digits)
+_RUN: Final = b"0" * 19
+_RUN_TEXT: Final = re.compile(r"[0-9]{19}")
+
+
+def long_digits(data: bytes) -> bool:
+    """Whether ``data`` holds a run of 19 or more ASCII digits (an integer orjson may round)."""
+    # Any run of 19 bytes covers two adjacent positions of data[::9]: a cheap filter first.
+    return b"00" in data[::9].translate(_DIGITS) and _RUN in data.translate(_DIGITS)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_exact(text: bytes | str) -> Any:
+    """What ``json.loads`` gives for one JSON text (``NaN``/``Infinity`` refused: not JSON)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")  # strict: invalid UTF-8 is a UnicodeDecodeError (ValueError)
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def decode_exact(text: bytes | str) -> Any:
+    """One JSON text, exactly: orjson where it is exact, else ``json.loads`` (or ValueError)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return loads_exact(text)
+        except (ValueError, RecursionError):
+            raise exc from None  # orjson's message says where the text went wrong
+    if isinstance(text, str):
+        if _RUN_TEXT.search(text) is not None:
+            return loads_exact(text)
+    elif _RUN in text.translate(_DIGITS):
+        return loads_exact(text)
+    return value
 
 
 class NDJSONDecoder:
     """Decode NDJSON from reads of any size into the JSON values of its complete lines."""
 
-    __slots__ = ("max_line", "line_number", "_tail", "_size")
+    __slots__ = ("max_line", "line_number", "_tail", "_size", "_head")
 
     def __init__(self, *, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
@@ -42,13 +98,23 @@ class NDJSONDecoder:
         self.line_number = 0
         self._tail: list[bytes] = []  # pieces of the unfinished last line
         self._size = 0  # their total length
+        # The first bytes, held until we know whether they start a BOM; None once we know.
+        self._head: bytes | None = b""
 
     def feed(self, data: bytes) -> list[Any]:
-        """The decoded values of every line that ``data`` completes (keep-alive lines skipped).
+        """The decoded values of every line that ``data`` completes (keep-alives skipped).
 
-        After a ``DecodeError`` the values after the bad line in the same read are lost; the
-        decoder itself stays usable.
+        A ``DecodeError`` carries in ``values`` the values of the lines before the bad one in
+        this read; those after it are lost. The decoder itself stays usable.
         """
+        if self._head is not None:
+            data = self._head + data
+            if len(data) < len(_BOM) and _BOM.startswith(data):
+                self._head = data
+                return []
+            self._head = None
+            if data.startswith(_BOM):
+                data = data[len(_BOM) :]
         lines = data.split(b"\n")
         if len(lines) == 1:
             if data:
@@ -59,29 +125,44 @@ class NDJSONDecoder:
             return []
         rest = lines.pop()
         first = self.line_number
+        joined = False
         if self._tail:
             self._tail.append(lines[0])
             lines[0] = b"".join(self._tail)
+            joined = True
         if self._size + len(data) > self.max_line:
-            check_lines(lines, self.max_line, first)
+            try:
+                check_lines(lines, self.max_line, first)
+            except LineTooLong as exc:
+                # The lines before it are delivered first, like those before a malformed line.
+                exc.values = _decode_slowly(lines[: exc.line_number - first - 1], first)
+                raise
         self.line_number = first + len(lines)
         if rest:
             self._tail = [rest]
             self._size = len(rest)
-            if len(rest) > self.max_line:
-                raise too_long(self.max_line, self.line_number + 1, rest)
         else:
             self._tail = []
             self._size = 0
-        loads = orjson.loads
         try:
-            return [loads(line) for line in lines if line]
+            values = list(map(orjson.loads, lines))
         except orjson.JSONDecodeError:
-            return _decode_slowly(lines, first)
+            values = _decode_slowly(lines, first)
+        else:
+            if long_digits(data) or (joined and long_digits(lines[0])):
+                values = _decode_slowly(lines, first)
+        if len(rest) > self.max_line:
+            error = too_long(self.max_line, self.line_number + 1, rest)
+            error.values = values
+            raise error
+        return values
 
     def flush(self) -> list[Any]:
         """At the end of the body: the value of an unterminated last line, if it is not blank."""
         tail = self._tail
+        if self._head:
+            tail = [self._head, *tail]  # a body of one or two bytes of a BOM: not JSON
+        self._head = b""  # a next body (the decoder reused) may start with its own BOM
         self._tail = []
         self._size = 0
         if not tail:
@@ -89,6 +170,11 @@ class NDJSONDecoder:
         first = self.line_number
         self.line_number = first + 1
         return _decode_slowly([b"".join(tail)], first)
+
+    def pending(self) -> bool:
+        """Whether part of a value has arrived and its line has not ended (whitespace is none)."""
+        search = _NOT_WHITESPACE.search
+        return any(search(piece) is not None for piece in self._tail)
 
 
 def _decode_slowly(lines: list[bytes], first: int) -> list[Any]:
@@ -98,10 +184,13 @@ def _decode_slowly(lines: list[bytes], first: int) -> list[Any]:
         if not line.strip(_WHITESPACE):
             continue  # a keep-alive
         try:
-            values.append(orjson.loads(line))
-        except orjson.JSONDecodeError as exc:
+            values.append(decode_exact(line))
+        except ValueError as exc:
             number = first + index + 1
             raise DecodeError(
-                f"line {number} is not valid JSON: {exc}", line_number=number, line=line
+                f"line {number} is not valid JSON: {exc}",
+                line_number=number,
+                line=line,
+                values=values,
             ) from exc
     return values

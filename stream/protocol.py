@@ -2,21 +2,29 @@
 
 Pure (standard library, orjson and the decoders), so the requests client (``client.py``) and the
 httpx client (``aio.py``) share it and differ only in how they move bytes. One ``StreamState``
-lives for one ``stream()``/``events()`` call, across reconnections::
+lives for one ``stream()``/``events()`` call, across reconnections, and ``StreamState.drive``
+is the whole connect/read/resume loop as a generator of I/O commands (the sans-I/O pattern of
+h11 and httpcore): each client is a thin shell that performs them and sends back the result::
 
-    state = StreamState(VALUES, last_event_id=..., reconnect=..., on_reset=..., policy=...)
+    state.opened(*connect())                     # the first request (also from __enter__)
+    driver = state.drive(read_timeout=read, clock=time.monotonic)
+    answer = None
     while True:
-        response = send(headers | state.request_headers())   # I/O
-        state.start(content_type)                 # picks the decoder, or ContentTypeError
-        for chunk in body:                        # I/O
-            out = state.feed(chunk)               # an iterable of values (or Events) to yield
-            if out:
-                yield from out
-                if state.stop:                    # end marker, server error, reset, bad data
-                    state.raise_error()           # raises if it was an error ...
-                    return                        # ... else the job ended
-        out = state.finish()                      # at a clean end of the body only
-        delay = state.disconnected(clean=..., cause=...)  # None: the end; else wait and resume
+        command = driver.send(answer)            # StopIteration: the stream ended normally
+        if type(command) is Read:                # the next bytes (within command.limit s),
+            answer = read() or b""               # b"" at a clean end, Cut(cause) for a cut
+        elif type(command) is Deliver:
+            yield command.batch                  # values (or Events), in order
+        elif type(command) is Release:
+            close(response)
+        elif type(command) is Pause:
+            sleep(command.seconds)               # before resuming
+        elif type(command) is Connect:           # a resume; a failure goes back with
+            answer = connect()                   # driver.throw(error)
+
+Errors that end the stream (a server error, a reset, bad data, attempts spent) are raised
+by the driver after the values before them were delivered; the shell's own errors (a read
+timeout, a transport error that is not a cut) end it from the shell.
 
 ``feed`` returns the decoder's own list when a batch holds nothing but plain values (the common
 case for plain streams: one ``type(v) is dict and v.keys() <= {...}`` test per value and no other
@@ -43,15 +51,46 @@ Deliberate rules (the wire formats leave them open; keep them unless the server 
 * **Resuming.** ``reconnect=None`` resumes only once the server sent an id (or the caller gave
   ``last_event_id``): a plain stream has no position to resume from, and replaying it from the
   start would repeat events. An SSE ``retry:`` alone does not make a stream resumable.
+  ``reconnect=False`` never resumes. A resumable stream resumes:
+
+  - when the connection is *cut* (a reset, a chunked body without its last chunk, a body shorter
+    than its ``Content-Length``, a resuming request refused or answered 429/5xx);
+  - when the body *ends normally* but the server said the stream is unfinished. This service
+    ends a stream it has not finished in two ways (shutdown, ``STREAM_MAX_LIFETIME``, a slow
+    consumer cut off): over SSE, after a block with a ``retry:`` field and no data (its
+    reconnection hint, ``hinted``); over NDJSON and JSON-seq, with no end marker on a stream of
+    envelopes (jobs end with an ``end``/``error`` marker, channels never end by themselves, so a
+    clean end of either is the service cutting it short).
+
+  Any other normal end is the end of the iteration, never a resume: an end marker, a ``204 No
+  Content`` (what this service answers to a resume after a stream's final event), SSE
+  ``data: [DONE]``, and a finite stream of another server, ids or not (sse-starlette, FastAPI):
+  such a server would answer a resume by replaying its stream from the start, forever. So an
+  SSE stream of this service that ends without the hint (an end this rule cannot tell from a
+  finite stream) ends the iteration; the server sends the hint before every end that is not
+  the stream's final event.
+* **Giving up.** Attempts that deliver no event are counted (an event resets the count): after
+  ``max_attempts`` of them ``ConnectionLost`` is raised, so a resume that cannot succeed (the
+  server down, a resume that keeps ending at once) ends in an error within ``max_attempts``
+  waits of at most ``backoff_max`` each (plus each attempt's own timeouts). A status other than
+  429/5xx on a resume is raised at once (``HTTPStatusError``), a ``reset`` as above.
+* **The server's ``retry:``** sets the wait before the first attempt, up to ``backoff_max``
+  (30 s by default): a server cannot park a client for years with ``retry: 1000000000000``.
+* **``Last-Event-ID``** is sent without the id's leading and trailing spaces and tabs, the bytes
+  a browser sends (``request_headers``): an id of ``" 5"`` (``id:  5``) resumes with ``5``.
+* **Decoding** is exact (``stream.ndjson``): values before a malformed line in the same read
+  are delivered, then ``DecodeError``. SSE ``data: [DONE]`` (OpenAI-style APIs) ends
+  ``stream()`` like an end marker; ``events()`` yields that event, then ends.
 """
 
 from __future__ import annotations
 
 import random as _random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final, Literal, Protocol
+from urllib.parse import SplitResult, quote, urlsplit
 
 import orjson
 
@@ -63,16 +102,26 @@ from .errors import (
     RemoteError,
     StreamError,
     StreamReset,
+    StreamTimeout,
 )
 from .event import Event
 from .formats import FORMAT_NAMES, JSON_SEQ, NDJSON, SSE
 from .jsonseq import JSONSeqDecoder
-from .ndjson import NDJSONDecoder
+from .ndjson import NDJSONDecoder, decode_exact, loads_exact, long_digits
 from .sse import SSEDecoder
 
 __all__ = [
     "ACCEPT_ANY",
     "EVENTS",
+    "NO_HOOKS",
+    "Command",
+    "Connect",
+    "Cut",
+    "Deliver",
+    "Hooks",
+    "Pause",
+    "Read",
+    "Release",
     "RETRYABLE_STATUSES",
     "VALUES",
     "Decoder",
@@ -80,10 +129,16 @@ __all__ = [
     "ReconnectPolicy",
     "StreamState",
     "accept_header",
+    "cross_origin",
     "http_status_error",
+    "join_url",
+    "new_state",
+    "publish_ids",
+    "publish_request",
     "media_type",
     "remote_error",
     "request_headers",
+    "stripped_on_redirect",
 ]
 
 Mode = Literal["values", "events"]
@@ -103,6 +158,8 @@ _ENVELOPE_KEYS: Final = frozenset({"id", "event", "data"})
 # these: one C-level subset test rejects ordinary objects at their first foreign key.
 _SPECIAL_KEYS: Final = frozenset({"id", "event", "data", "error"})
 _SSE_SPECIAL: Final = frozenset({"end", "reset", "error"})
+#: the data that ends an OpenAI-style SSE stream (https://platform.openai.com/docs/api-reference)
+DONE: Final = "[DONE]"
 
 #: how much of a non-2xx body a client reads to find the JSON error in it
 ERROR_BODY_LIMIT: Final = 64 * 1024
@@ -117,6 +174,10 @@ class Decoder(Protocol):
 
     def flush(self) -> list[Any]:
         """Decode what is left at the end of the body."""
+        ...  # pragma: no cover
+
+    def pending(self) -> bool:
+        """Whether part of an item (a value, an event) has arrived and is not complete yet."""
         ...  # pragma: no cover
 
 
@@ -202,6 +263,98 @@ def request_headers(
     return merged
 
 
+#: caller headers a redirect to another origin keeps: they say what is asked and sent, not who asks
+_KEPT_ON_REDIRECT: Final = frozenset({"accept", "content-type", "cache-control", "last-event-id"})
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def stripped_on_redirect(*headers: Mapping[str, Any] | None) -> frozenset[str]:
+    """The names of the caller's headers that a redirect to another origin drops."""
+    return frozenset(
+        name
+        for given in headers
+        if given
+        for name in given
+        if name.lower() not in _KEPT_ON_REDIRECT
+    )
+
+
+def _origin(url: SplitResult) -> tuple[str, str, int | None]:
+    scheme = url.scheme.lower()
+    return scheme, (url.hostname or "").lower(), url.port or _DEFAULT_PORTS.get(scheme)
+
+
+def cross_origin(url: str, target: str) -> bool:
+    """Whether ``target`` is on another origin (scheme, host, port) than ``url``."""
+    try:
+        return _origin(urlsplit(url)) != _origin(urlsplit(target))
+    except ValueError:  # a port that is no number: not the same origin
+        return True
+
+
+def join_url(base_url: str, path: str) -> str:
+    """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
+    if path.startswith(("http://", "https://")):
+        return path
+    if not base_url:
+        raise ValueError(f"{path!r} is not a full URL and the client has no base_url")
+    return base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+def publish_request(
+    channel: str,
+    values: tuple[Any, ...],
+    *,
+    event: str | None,
+    token: str | None,
+    headers: Mapping[str, str],
+) -> tuple[str, bytes, dict[str, str], dict[str, str] | None]:
+    """A publish as (path, body, headers, params): one value as JSON, several as NDJSON."""
+    if not values:
+        raise ValueError("publish() needs at least one value")
+    merged = dict(headers)
+    if len(values) == 1:
+        body = orjson.dumps(values[0])
+        merged["Content-Type"] = "application/json"
+    else:
+        body = b"".join(orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values)
+        merged["Content-Type"] = "application/x-ndjson"
+    if token is not None:
+        merged["Authorization"] = f"Bearer {token}"
+    params = {"event": event} if event is not None else None
+    return "/channels/" + quote(channel, safe=""), body, merged, params
+
+
+def publish_ids(status_code: int, reason: str, content: bytes, response: Any = None) -> list[str]:
+    """The ids of a publish's answer, or its HTTPStatusError (StreamError if it makes no sense)."""
+    if not 200 <= status_code < 300:
+        raise http_status_error(status_code, reason, content, response)
+    try:
+        ids = orjson.loads(content)["ids"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise StreamError(f"unexpected publish answer: {content[:200]!r}") from exc
+    return [str(ident) for ident in ids]
+
+
+def new_state(
+    mode: Mode,
+    *,
+    last_event_id: str | None,
+    reconnect: bool | None,
+    on_reset: Callable[[Event], object] | None,
+    max_attempts: int | None,
+    backoff_initial: float,
+    backoff_max: float,
+) -> StreamState:
+    """The state of one ``stream()``/``events()`` call, with the client's backoff settings."""
+    policy = ReconnectPolicy(
+        initial=backoff_initial, maximum=backoff_max, max_attempts=max_attempts
+    )
+    return StreamState(
+        mode, last_event_id=last_event_id, reconnect=reconnect, on_reset=on_reset, policy=policy
+    )
+
+
 @dataclass(slots=True)
 class ReconnectPolicy:
     """When to resume a dropped stream: the server's ``retry:``, then exponential full jitter.
@@ -231,7 +384,7 @@ class ReconnectPolicy:
             return None
         exponent = min(self.attempts, 64)  # beyond this the cap has long been reached
         self.attempts += 1
-        floor = self.retry or 0.0
+        floor = min(self.retry or 0.0, self.maximum)  # the server's retry, up to the cap
         base = self.retry if self.retry is not None else self.initial
         ceiling = max(floor, min(self.maximum, base * self.multiplier**exponent))
         return floor + self.random() * (ceiling - floor)
@@ -239,6 +392,87 @@ class ReconnectPolicy:
     def succeeded(self) -> None:
         """An event arrived: the next drop starts the backoff afresh."""
         self.attempts = 0
+
+
+class Connect:
+    """Send the request again (with ``request_headers()``); answer ``(status, content type,
+    response)``, or throw the library error (StreamTimeout, ConnectionLost, HTTPStatusError)."""
+
+    __slots__ = ()
+
+
+class Read:
+    """Read the next bytes of the body: answer them, ``b""`` at a clean end, ``Cut`` for a cut.
+
+    ``limit``: seconds the read may wait (part of an item is held and must be complete by
+    then); None: the transport's own read timeout. Running out is the shell's StreamTimeout.
+    """
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: float | None = None) -> None:
+        self.limit = limit
+
+
+class Deliver:
+    """Hand ``batch`` (values or Events, in order) to the caller."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Iterable[Any]) -> None:
+        self.batch = batch
+
+
+class Release:
+    """Close the current response and its connection (it is done, or unusable)."""
+
+    __slots__ = ()
+
+
+class Pause:
+    """Wait ``seconds`` before attempt ``attempt`` to resume (``cause``: why the last one ended)."""
+
+    __slots__ = ("seconds", "attempt", "cause")
+
+    def __init__(self, seconds: float, attempt: int, cause: BaseException | None) -> None:
+        self.seconds = seconds
+        self.attempt = attempt
+        self.cause = cause
+
+
+class Cut:
+    """The answer to ``Read`` when the connection was cut (``cause``: the transport's error)."""
+
+    __slots__ = ("cause",)
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+
+
+Command = Connect | Read | Deliver | Release | Pause
+_CONNECT: Final = Connect()
+_READ: Final = Read()
+_RELEASE: Final = Release()
+
+
+class Hooks:
+    """Observers (the command line's): raw bytes, each response, each reconnection."""
+
+    __slots__ = ("on_bytes", "on_response", "on_reconnect")
+
+    def __init__(
+        self,
+        *,
+        on_bytes: Callable[[bytes], object] | None = None,
+        on_response: Callable[[Any], object] | None = None,
+        on_reconnect: Callable[[int, float, BaseException | None], object] | None = None,
+    ) -> None:
+        self.on_bytes = on_bytes
+        self.on_response = on_response
+        self.on_reconnect = on_reconnect
+
+
+NO_HOOKS: Final = Hooks()
 
 
 class StreamState:
@@ -271,6 +505,8 @@ class StreamState:
         self._requested_id = ""
         self._decoder: Decoder | None = None
         self._sse: SSEDecoder | None = None
+        #: the stream carried this service's envelopes (NDJSON/JSON-seq ids): see "Resuming"
+        self._envelopes = False
         self._handle: Callable[[list[Any]], Iterable[Any]] = self._json_values
 
     # -- what the client asks for --------------------------------------------------------------
@@ -288,10 +524,16 @@ class StreamState:
         return bool(self._last_id)
 
     def request_headers(self) -> dict[str, bytes]:
-        """Headers the next request needs: ``Last-Event-ID`` (UTF-8 bytes) once an id is known."""
+        """Headers the next request needs: ``Last-Event-ID`` (UTF-8 bytes) once an id is known.
+
+        The value is the id without leading and trailing spaces and tabs, the bytes a browser
+        sends (fetch normalizes header values so; HTTP strips them on arrival anyway, RFC 9110
+        section 5.5): requests and h11 refuse a value that starts with whitespace.
+        """
         self._requested_id = self._last_id
-        if self._last_id:
-            return {"Last-Event-ID": self._last_id.encode()}
+        value = self._last_id.strip(" \t")
+        if value:
+            return {"Last-Event-ID": value.encode()}
         return {}
 
     # -- one response ----------------------------------------------------------------------------
@@ -315,17 +557,118 @@ class StreamState:
     def feed(self, data: bytes) -> Iterable[Any]:
         """Decode a piece of the body: the values (or Events) in it, to be delivered in order."""
         assert self._decoder is not None, "start() first"
-        batch = self._decoder.feed(data)
+        try:
+            batch = self._decoder.feed(data)
+        except DecodeError as exc:
+            return self._before_error(exc)
         if not batch:
             return batch
         self.policy.attempts = 0  # an event arrived: the connection is healthy (``succeeded``)
         return self._handle(batch)
 
+    def pending(self) -> bool:
+        """Whether part of an item (value, event) has arrived and is not complete yet."""
+        return self._decoder is not None and self._decoder.pending()
+
+    def no_content(self) -> None:
+        """The server answered ``204 No Content``: nothing (more) to read, the stream ended."""
+        self._end()
+
+    def opened(self, status: int, content_type: str | None, response: Any = None) -> None:
+        """A 2xx answer arrived: ``204`` ends the stream, else pick the decoder (or raise)."""
+        if status == 204:
+            # No Content: the answer to a resume after the stream's final event.
+            self.no_content()
+        else:
+            self.start(content_type, response)
+
+    def drive(
+        self, *, read_timeout: float | None, clock: Callable[[], float]
+    ) -> Generator[Command, Any, None]:
+        """The connect/read/resume loop, as I/O commands (module docstring); starts after
+        ``opened``. ``read_timeout`` also bounds the time from one item to the next (an
+        event or a keep-alive): ``clock`` is the shell's monotonic clock in seconds."""
+        feed = self.feed
+        pending = self.pending
+        while not self.ended:
+            cause: BaseException | None = None
+            deadline = 0.0  # while part of an item is held: when it must be complete
+            while True:
+                if deadline:
+                    left = deadline - clock()
+                    if left <= 0:
+                        raise StreamTimeout(
+                            f"no complete event or keep-alive within {read_timeout} s"
+                        )
+                    got = yield Read(left)
+                else:
+                    got = yield _READ
+                if type(got) is Cut:
+                    cause = got.cause
+                    break
+                if not got:
+                    break
+                out = feed(got)
+                if out:
+                    yield Deliver(out)
+                    if self.stop:
+                        self.raise_error()
+                        return
+                if read_timeout is None:
+                    continue
+                if pending():
+                    if out or not deadline:
+                        deadline = clock() + read_timeout  # after the caller had the batch
+                elif deadline:
+                    deadline = 0.0
+            if cause is None:
+                out = self.finish()
+                if out:
+                    yield Deliver(out)
+                    if self.stop:
+                        self.raise_error()
+                        return
+            yield _RELEASE
+            delay = self.disconnected(clean=cause is None, cause=cause)
+            if delay is None:
+                return
+            while True:
+                yield Pause(delay, self.policy.attempts, cause)
+                try:
+                    status, content_type, response = yield _CONNECT
+                except (StreamTimeout, ConnectionLost) as exc:
+                    cause = exc
+                except HTTPStatusError as exc:
+                    if exc.status_code not in RETRYABLE_STATUSES:
+                        raise
+                    cause = exc
+                else:
+                    try:
+                        self.opened(status, content_type, response)
+                    except StreamError:
+                        yield _RELEASE
+                        raise
+                    break
+                delay = self.connect_failed(cause)
+
+    def _before_error(self, error: DecodeError) -> Iterator[Any]:
+        """The values a read decoded before its bad line, then the error (CONTRACT.md)."""
+        values, error.values = error.values, []
+        if values:
+            self.policy.attempts = 0
+            yield from self._handle(values)
+            if self.stop:
+                return  # an end marker or a server error came first
+        self._fail(error)
+
     def finish(self) -> Iterable[Any]:
         """At a clean end of the body: what the decoder still held (an unterminated last line)."""
         if self._decoder is None:
             return ()
-        batch = self._decoder.flush()
+        try:
+            batch = self._decoder.flush()
+        except DecodeError as exc:
+            return self._before_error(exc)
         return self._handle(batch) if batch else batch
 
     def raise_error(self) -> None:
@@ -340,12 +683,16 @@ class StreamState:
         when the policy's attempts are spent.
         """
         sse = self._sse
+        hinted = False
         if sse is not None:
             # Every dispatched event was delivered by now, and an ``id:`` in a block without
             # data still moves the last event ID (WHATWG HTML, "dispatch the event", step 1).
             self._last_id = sse.last_event_id
             if sse.retry is not None:
-                self.policy.retry = sse.retry / 1000
+                # Capped in milliseconds first: a retry of 10**400 ms is no float.
+                cap = int(self.policy.maximum * 1000)
+                self.policy.retry = min(sse.retry, cap) / 1000
+            hinted = sse.hinted
         if self.ended:
             return None
         if not self.resumable:
@@ -355,6 +702,10 @@ class StreamState:
                 f"the connection was cut mid-stream and cannot be resumed: {cause}",
                 attempts=self.policy.attempts,
             ) from cause
+        if clean and not (hinted or self._envelopes):
+            # A normal end with nothing that says the stream is unfinished: the end (never a
+            # replay of another server's finite stream). See "Resuming" above.
+            return None
         return self._next_delay(cause)
 
     def connect_failed(self, cause: BaseException) -> float:
@@ -414,6 +765,7 @@ class StreamState:
         for value in islice(batch, start, None):
             if type(value) is dict:
                 if value.keys() == _ENVELOPE_KEYS:
+                    self._envelopes = True
                     ident = value["id"]
                     if type(ident) is str:
                         self._last_id = ident
@@ -441,6 +793,7 @@ class StreamState:
         for value in batch:
             if type(value) is dict:
                 if value.keys() == _ENVELOPE_KEYS:
+                    self._envelopes = True
                     ident = value["id"]
                     if type(ident) is str:
                         self._last_id = ident
@@ -465,7 +818,9 @@ class StreamState:
             yield Event(self._last_id, "message", _text(value))
 
     def _sse_values(self, batch: list[Event]) -> Iterator[Any]:
-        loads = orjson.loads
+        # orjson unless the read held a run of digits that may be an integer it would round
+        sse = self._sse
+        loads = decode_exact if sse is not None and long_digits(sse.block) else orjson.loads
         for event in batch:
             kind = event.event
             if kind != "message" and kind in _SSE_SPECIAL:
@@ -483,9 +838,16 @@ class StreamState:
                     return
             try:
                 value = loads(event.data)
-            except orjson.JSONDecodeError as exc:
-                self._fail(self._data_error(event, exc))
-                return
+            except ValueError as exc:
+                if event.data == DONE:
+                    self._last_id = event.id
+                    self._end()
+                    return
+                try:
+                    value = loads_exact(event.data)
+                except (ValueError, RecursionError):
+                    self._fail(self._data_error(event, exc))
+                    return
             self._last_id = event.id
             yield value
 
@@ -505,6 +867,10 @@ class StreamState:
         for event in batch:
             kind = event.event
             self._last_id = event.id
+            if event.data == DONE:
+                yield event  # the caller asked for every event; the stream ends after it
+                self._end()
+                return
             if kind != "message" and kind in _SSE_SPECIAL:
                 if kind == "end":
                     self._end()

@@ -13,6 +13,9 @@ Departures from the spec, on purpose (do not "fix" them):
   and would resume the next time from the very start. A client creates one decoder per
   connection, so carrying the id over keeps the resume point.
 - ``retry:`` values too long for Python's ``int()`` (over 4300 digits) are ignored.
+- Invalid UTF-8 is a ``DecodeError`` (with the events before the bad line in its ``values``),
+  where the spec's "UTF-8 decode" replaces it with U+FFFD: NDJSON and JSON-seq refuse it too,
+  and a client library must not change data silently.
 
 Attributes that mirror the spec's state:
 
@@ -22,12 +25,22 @@ Attributes that mirror the spec's state:
   unlike the buffer, it never names an event whose block has not ended yet.
 - ``retry`` is the event stream's *reconnection time* in milliseconds, set by the latest
   valid ``retry:`` field (None when none came).
+
+Not in the spec, for the clients:
+
+- ``hinted`` is true when a block with a valid ``retry:`` and no data ended after the last
+  dispatched event: the hint this project's server sends before it ends a stream it did not
+  finish (``stream.protocol`` resumes after it).
+- ``block`` holds the lines of the latest ``feed`` (joined by LF, as bytes): the clients look
+  in it for integers that orjson would round (``stream.ndjson.long_digits``) before decoding
+  the events' data as JSON.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+from .errors import DecodeError
 from .event import Event
 from .lines import DEFAULT_MAX_LINE, LineSplitter
 
@@ -42,6 +55,8 @@ class SSEDecoder:
     __slots__ = (
         "last_event_id",
         "retry",
+        "hinted",
+        "block",
         "_lines",
         "_head",
         "_data",
@@ -53,6 +68,8 @@ class SSEDecoder:
     def __init__(self, *, last_event_id: str = "", max_line: int = DEFAULT_MAX_LINE) -> None:
         self.last_event_id = last_event_id
         self.retry: int | None = None
+        self.hinted = False
+        self.block = b""
         self._lines = LineSplitter(max_line=max_line)
         # The first bytes, held until we know whether they start a BOM; None once we know.
         self._head: bytes | None = b""
@@ -76,10 +93,32 @@ class SSEDecoder:
         block = self._lines.feed_block(data)
         if block is None:
             return []
-        # "UTF-8 decode" replaces invalid sequences with U+FFFD; CR and LF never occur inside a
-        # UTF-8 sequence, so decoding after splitting is the same as decoding first. Splitting
-        # on "\n" only (never str.splitlines) keeps U+2028, U+2029 and U+0085 inside lines.
-        return self._process(block.decode("utf-8", "replace").split("\n"))
+        self.block = block
+        # CR and LF never occur inside a UTF-8 sequence, so decoding after splitting is the
+        # same as decoding first. Splitting on "\n" only (never str.splitlines) keeps U+2028,
+        # U+2029 and U+0085 inside lines.
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._invalid_utf8(block, exc)
+        return self._process(text.split("\n"))
+
+    def pending(self) -> bool:
+        """Whether part of an event has arrived and it is not dispatched yet."""
+        return bool(self._data) or self._lines.pending()
+
+    def _invalid_utf8(self, block: bytes, exc: UnicodeDecodeError) -> list[Event]:
+        """Process the lines before the bad one, then raise DecodeError with their events."""
+        lines = block.split(b"\n")
+        bad = block.count(b"\n", 0, exc.start)
+        events = self._process([line.decode("utf-8") for line in lines[:bad]])
+        number = self._lines.line_number - len(lines) + bad + 1
+        raise DecodeError(
+            f"line {number} is not valid UTF-8: {exc}",
+            line_number=number,
+            line=lines[bad],
+            values=events,
+        ) from exc
 
     def flush(self) -> list[Event]:
         """At the end of the body: nothing, since the spec discards an unfinished event."""
@@ -102,6 +141,7 @@ class SSEDecoder:
         last_string = self.last_event_id
         type_ = self._type
         block_retry = self._block_retry
+        hinted = self.hinted
         for line in lines:
             if not line:
                 # "If the line is empty (a blank line): Dispatch the event."
@@ -115,6 +155,9 @@ class SSEDecoder:
                     # "message" unless the event type buffer is set, lastEventId = the string.
                     events.append(Event(last_id, type_ or "message", "\n".join(data), block_retry))
                     data = []
+                    hinted = False
+                elif block_retry is not None:
+                    hinted = True
                 type_ = ""
                 block_retry = None
                 continue
@@ -152,6 +195,7 @@ class SSEDecoder:
                     self.retry = block_retry = retry
             # "Otherwise: The field is ignored."
         self.last_event_id = last_string
+        self.hinted = hinted
         self._data = data
         self._id = last_id
         self._type = type_

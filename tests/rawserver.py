@@ -77,6 +77,8 @@ class Script:
     headers: Sequence[tuple[str, str]] = ()
     #: overrides the computed ``Content-Length`` (say more than is sent, to cut a length body)
     content_length: int | None = None
+    #: send the status line and headers one byte per this many seconds (a slow or hostile server)
+    trickle_headers: float | None = None
 
 
 @dataclass
@@ -98,7 +100,16 @@ class _Connection:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 500: "Error"}
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    302: "Found",
+    307: "Temporary Redirect",
+    400: "Bad Request",
+    404: "Not Found",
+    500: "Error",
+}
 
 
 class RawServer:
@@ -193,13 +204,19 @@ class RawServer:
         lines.extend(f"{name}: {value}" for name, value in script.headers)
         if framing == "chunked":
             lines.append("Transfer-Encoding: chunked")
-        elif framing == "length":
+        elif framing == "length" and script.status != 204:
             length = script.content_length
             if length is None:
                 length = sum(len(p) for p in script.body if isinstance(p, bytes))
             lines.append(f"Content-Length: {length}")
         lines.append("Connection: close")
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if script.trickle_headers is None:
+            sock.sendall(head)
+        else:
+            for index in range(len(head)):
+                sock.sendall(head[index : index + 1])
+                time.sleep(script.trickle_headers)
         for piece in script.body:
             if isinstance(piece, bytes):
                 if framing == "chunked":

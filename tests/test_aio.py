@@ -18,7 +18,7 @@ import pytest
 
 from stream import errors
 from stream.aio import AsyncClient, _timeout, _translate
-from tests.rawserver import Hold, RawServer, Script, Wait
+from tests.rawserver import Close, Hold, RawServer, Script, Wait
 from tests.test_clients import envelope, script, value
 
 pytestmark = pytest.mark.timeout(20)
@@ -145,7 +145,8 @@ def test_breaking_out_of_the_loop_closes_the_connection() -> None:
 
 def test_events_with_resume_across_the_loop() -> None:
     go = threading.Event()
-    first = script("sse", envelope("sse", "1", 1), Wait(go), framing="close")
+    # The service's hint before ending a stream it did not finish makes the client resume.
+    first = script("sse", envelope("sse", "1", 1), Wait(go), b"retry: 10\n\n", framing="close")
     second = script("sse", envelope("sse", "2", 2), b"event: end\ndata: null\n\n")
 
     async def test() -> None:
@@ -226,3 +227,27 @@ def test_last_event_id_replaces_one_in_the_caller_headers() -> None:
 def test_timeout_maps_to_httpx(given: Any, connect: float | None, read: float | None) -> None:
     timeout = _timeout(given)
     assert (timeout.connect, timeout.read) == (connect, read)
+
+
+def test_hooks_observe_bytes_responses_and_reconnections_as_in_the_sync_client() -> None:
+    from stream.protocol import VALUES, Hooks
+
+    first = script("ndjson", envelope("ndjson", "1", 1), Close())
+    second = script("ndjson", envelope("ndjson", "2", 2), envelope("ndjson", "3", None, "end"))
+    seen: list[Any] = []
+    hooks = Hooks(
+        on_bytes=lambda data: seen.append(("bytes", len(data))),
+        on_response=lambda response: seen.append(("response", response.status_code)),
+        on_reconnect=lambda attempt, delay, cause: seen.append(("reconnect", attempt)),
+    )
+
+    async def test() -> None:
+        with RawServer([first, second]) as server:
+            async with fast(server.url) as client:
+                values = [v async for v in client._stream(VALUES, "/jobs/j/events", hooks=hooks)]
+                assert values == [1, 2]
+
+    run(test)
+    kinds = [item[0] for item in seen]
+    assert kinds[0] == "response" and "bytes" in kinds
+    assert ("reconnect", 1) in seen and kinds.count("response") == 2

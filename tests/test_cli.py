@@ -239,3 +239,20 @@ def test_reconnections_and_resets_are_reported(capsysbinary: pytest.CaptureFixtu
     err = captured.err.decode()
     assert "resuming after '1'" in err
     assert "reset" in err
+
+
+def test_finite_sse_stream_with_ids_ends(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    # sse-starlette's finite stream: ids, a normal end; a resume would replay it from the start.
+    body = b"".join(b"id: %d\ndata: %d\n\n" % (i, i) for i in range(3))
+    replay = Script([body], content_type=SSE)
+    with RawServer([replay, replay]) as server:
+        assert main([server.url]) == 0
+        assert len(server.requests) == 1
+    assert capsysbinary.readouterr().out == b"0\n1\n2\n"
+
+
+def test_openai_style_done_ends(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    body = [b'data: {"n": 1}\n\n', b"data: [DONE]\n\n", Hold()]
+    with RawServer([Script(body, content_type=SSE)]) as server:
+        assert main([server.url]) == 0
+    assert capsysbinary.readouterr().out == b'{"n":1}\n'

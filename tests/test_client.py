@@ -8,12 +8,15 @@ passed in.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 
-from stream.client import Client
-from tests.rawserver import Hold, RawServer
+from stream import errors
+from stream.client import Client, DeadlineAdapter
+from tests.rawserver import Hold, RawServer, Script
 from tests.test_clients import script, value
 
 pytestmark = pytest.mark.timeout(20)
@@ -53,3 +56,15 @@ def test_session_is_shared_and_left_open() -> None:
             assert list(client.stream("/")) == [1]
         assert session.adapters  # still usable: the client did not close a session it was given
     session.close()
+
+
+def test_deadline_adapter_bounds_the_headers_on_a_session_passed_in() -> None:
+    session = requests.Session()
+    session.mount("http://", DeadlineAdapter())
+    slow = Script([b"1\n"], trickle_headers=0.05)
+    with RawServer([slow]) as server, session:
+        client = Client(server.url, session=session, timeout=(2.0, 0.5))
+        started = time.monotonic()
+        with pytest.raises(errors.StreamTimeout):
+            list(client.stream("/events"))
+        assert time.monotonic() - started < 3.0  # the headers alone would take 5 s

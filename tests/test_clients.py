@@ -41,7 +41,7 @@ from tests.rawserver import (
 pytestmark = pytest.mark.timeout(20)
 
 FORMATS = {"ndjson": NDJSON, "sse": SSE, "json-seq": JSON_SEQ}
-KEEPALIVE = {"ndjson": b"\n", "sse": b":\n", "json-seq": b"\x1e"}
+KEEPALIVE = {"ndjson": b" ", "sse": b":\n", "json-seq": b"\x1e"}
 ALL_FORMATS = [pytest.param(name, id=name) for name in FORMATS]
 
 T = TypeVar("T")
@@ -555,3 +555,268 @@ def test_closed_before_the_first_read_sends_nothing(fast: AnyClient) -> None:
         stream.close()
         assert list(stream) == []
         assert server.requests == []
+
+
+# == issue 10, item 9: the client at the edges ==================================================
+
+
+# -- the server's retry: is honoured up to backoff_max ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [
+        pytest.param(b"1000000000000", id="31-years"),
+        pytest.param(b"9" * 400, id="too-large-for-a-float"),
+    ],
+)
+def test_server_retry_is_capped_by_backoff_max(make_client: MakeClient, retry: bytes) -> None:
+    first = script("sse", envelope("sse", "1", 1), b"retry: " + retry + b"\n\n", framing="close")
+    second = script("sse", envelope("sse", "2", 2), b"event: end\ndata: null\n\n")
+    with RawServer([first, second]) as server:
+        with make_client(server.url, backoff_max=0.3) as client:
+            started = time.monotonic()
+            assert list(client.stream("/channels/c")) == [1, 2]
+            waited = time.monotonic() - started
+    # The cap, honoured: no shorter (the server asked for more), and nowhere near 31 years.
+    assert 0.3 <= waited < 5.0
+
+
+# -- deadlines ---------------------------------------------------------------------------------
+
+
+def test_headers_trickled_past_the_read_timeout(make_client: MakeClient) -> None:
+    slow = Script([value("ndjson", 1)], trickle_headers=0.05)
+    with RawServer([slow]) as server:
+        with make_client(server.url, timeout=(2.0, 0.5)) as client:
+            started = time.monotonic()
+            with pytest.raises(errors.StreamTimeout):
+                list(client.stream("/events"))
+            took = time.monotonic() - started
+    # About 100 bytes of headers at 20 bytes/s would take 5 s; each byte is well within 0.5 s.
+    assert took < 3.0
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "sse", "json-seq"])
+def test_body_trickled_without_completing_an_event(make_client: MakeClient, fmt: str) -> None:
+    start = {"ndjson": b'{"a": ', "sse": b"data: ", "json-seq": b'\x1e{"a": '}[fmt]
+    trickle: list[Any] = [value(fmt, 1), start]
+    for _ in range(40):
+        trickle += [Sleep(0.1), b"1"]  # a byte every 0.1 s: each read well within the timeout
+    with RawServer([script(fmt, *trickle)]) as server:
+        with make_client(server.url, timeout=(2.0, 0.5)) as client:
+            seen = []
+            started = time.monotonic()
+            with pytest.raises(errors.StreamTimeout):
+                for item in client.stream("/events"):
+                    seen.append(item)
+            took = time.monotonic() - started
+    assert seen == [1]
+    assert took < 3.0  # the trickle lasts 4 s
+
+
+@pytest.mark.parametrize(
+    ("fmt", "keepalive"),
+    [
+        pytest.param("ndjson", b" ", id="ndjson-space"),
+        pytest.param("ndjson", b"\n", id="ndjson-empty-line"),
+        pytest.param("sse", b":\n", id="sse-comment"),
+        pytest.param("json-seq", b"\x1e", id="json-seq-lone-rs"),
+    ],
+)
+def test_keepalives_keep_a_quiet_stream_open(
+    make_client: MakeClient, fmt: str, keepalive: bytes
+) -> None:
+    body: list[Any] = [value(fmt, 1)]
+    for _ in range(6):
+        body += [Sleep(0.25), keepalive]  # 1.5 s of silence, a keep-alive each 0.25 s
+    body.append(value(fmt, 2))
+    with RawServer([script(fmt, *body)]) as server:
+        with make_client(server.url, timeout=(2.0, 0.6)) as client:
+            assert list(client.stream("/events")) == [1, 2]
+
+
+def test_silence_is_still_a_timeout(fast: AnyClient) -> None:
+    with RawServer([script("ndjson", value("ndjson", 1), b" ", Sleep(3.0))]) as server:
+        seen = []
+        with pytest.raises(errors.StreamTimeout):
+            for item in fast.stream(server.url, timeout=(2.0, 0.5)):
+                seen.append(item)
+    assert seen == [1]
+
+
+# -- SSE: invalid UTF-8 is a DecodeError, as in NDJSON and JSON-seq ----------------------------
+
+
+def test_sse_invalid_utf8_is_a_decode_error_after_the_events_before_it(fast: AnyClient) -> None:
+    body = b'data: 1\n\ndata: 2\n\ndata: "\xff"\n\ndata: 3\n\n'
+    with RawServer([script("sse", body)]) as server:
+        seen = []
+        with pytest.raises(errors.DecodeError) as info:
+            for item in fast.stream(server.url):
+                seen.append(item)
+    assert seen == [1, 2]
+    assert info.value.line_number == 5
+
+
+# -- redirects -----------------------------------------------------------------------------------
+
+
+def redirect(to: str, status: int = 302) -> Script:
+    return Script(
+        [], status=status, content_type=None, framing="length", headers=[("Location", to)]
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["other-port", "other-host"])
+def test_caller_headers_do_not_follow_a_redirect_to_another_origin(
+    make_client: MakeClient, host: str
+) -> None:
+    with RawServer([script("ndjson", value("ndjson", 1))]) as other:
+        target = other.url.replace("127.0.0.1", host) + "/events"
+        with RawServer([redirect(target)]) as server:
+            with make_client(server.url, headers={"X-Api-Key": "k1"}) as client:
+                got = list(
+                    client.stream("/events", headers={"X-Other": "k2", "Authorization": "Bearer t"})
+                )
+            assert got == [1]
+            first = server.requests[0].headers
+            assert (first["x-api-key"], first["x-other"]) == ("k1", "k2")
+        headers = other.requests[0].headers
+        assert not {"x-api-key", "x-other", "authorization"} & headers.keys()
+        assert headers["accept"].startswith("application/x-ndjson")
+
+
+def test_caller_headers_follow_a_redirect_on_the_same_origin(make_client: MakeClient) -> None:
+    with RawServer([redirect("/moved"), script("ndjson", value("ndjson", 1))]) as server:
+        with make_client(server.url, headers={"X-Api-Key": "k1"}) as client:
+            assert list(client.stream("/events")) == [1]
+        moved = server.requests[1]
+        assert moved.target == "/moved"
+        assert moved.headers["x-api-key"] == "k1"
+
+
+def test_publish_headers_do_not_follow_a_redirect_to_another_origin(
+    make_client: MakeClient,
+) -> None:
+    answer = Script(
+        [b'{"ids": ["1"]}'], status=201, content_type="application/json", framing="length"
+    )
+    with RawServer([answer]) as other:
+        with RawServer([redirect(other.url + "/channels/c", status=307)]) as server:
+            with make_client(server.url, headers={"X-Api-Key": "k1"}) as client:
+                assert client.publish("c", {"a": 1}, token="t") == ["1"]
+        headers = other.requests[0].headers
+        assert not {"x-api-key", "authorization"} & headers.keys()
+        assert other.requests[0].body == b'{"a":1}'
+
+
+# == issue 13: other servers' streams, exact decoding, resume rules =============================
+
+
+def test_openai_style_done_ends_the_stream(fast: AnyClient) -> None:
+    body = [b'data: {"choices": [1]}\n\n', b'data: {"choices": [2]}\n\n', b"data: [DONE]\n\n"]
+    with RawServer([script("sse", *body, Hold())]) as server:
+        # The server keeps the connection open after [DONE]: the client ends by itself.
+        assert list(fast.stream(server.url)) == [{"choices": [1]}, {"choices": [2]}]
+        assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_finite_stream_of_another_server_with_ids_ends(fast: AnyClient, framing: str) -> None:
+    # sse-starlette: ids, a retry on each event, a normal end, and a replay on any reconnect.
+    body = b"".join(b"id: %d\nretry: 15000\ndata: %d\n\n" % (i, i) for i in range(3))
+    replay = script("sse", body, framing=framing)
+    with RawServer([replay, replay, replay]) as server:
+        assert list(fast.stream(server.url)) == [0, 1, 2]
+        events = list(fast.events(server.url))
+        assert [e.id for e in events] == ["0", "1", "2"]
+        assert len(server.requests) == 2  # one each, never a resume
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_resume_after_the_final_event_gets_204_and_ends(fast: AnyClient, fmt: str) -> None:
+    no_content = Script([], status=204, content_type=None, framing="length")
+    with RawServer([no_content]) as server:
+        assert list(fast.stream(server.url, last_event_id="7", format=fmt)) == []
+        assert server.requests[0].headers["last-event-id"] == "7"
+
+
+def test_204_on_a_resume_ends_the_stream(fast: AnyClient) -> None:
+    first = script("ndjson", envelope("ndjson", "1", 1), Close())
+    no_content = Script([], status=204, content_type=None, framing="length")
+    with RawServer([first, no_content]) as server:
+        assert list(fast.stream(server.url)) == [1]
+        assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "json-seq"])
+def test_service_ends_an_unfinished_envelope_stream_and_it_resumes(
+    fast: AnyClient, fmt: str
+) -> None:
+    # Shutdown, lifetime or a slow consumer: the body ends normally, without an end marker.
+    first = script(fmt, envelope(fmt, "1", 1), framing="close")
+    second = script(fmt, envelope(fmt, "2", 2), envelope(fmt, "3", None, event="end"))
+    with RawServer([first, second]) as server:
+        assert list(fast.stream(server.url)) == [1, 2]
+        assert server.requests[1].headers["last-event-id"] == "1"
+
+
+def test_sse_id_with_a_leading_space_resumes(fast: AnyClient) -> None:
+    first = script("sse", b"id:  5\ndata: 1\n\n", Cut())
+    second = script("sse", b"id:  6\nevent: end\ndata: null\n\n")
+    with RawServer([first, second]) as server:
+        events = list(fast.events(server.url))
+        assert [(e.id, e.data) for e in events] == [(" 5", "1")]
+        # The bytes a browser sends: fetch strips the value's leading and trailing whitespace.
+        assert b"\r\nLast-Event-ID: 5\r\n" in server.requests[1].raw_headers + b"\r\n"
+
+
+def test_resume_that_cannot_succeed_ends_in_an_error(make_client: MakeClient) -> None:
+    first = script("sse", envelope("sse", "1", 1), Cut())
+    with RawServer([first]) as server:  # then every connection is refused by closing it
+        with make_client(server.url, max_attempts=3, backoff_initial=0.01, backoff_max=0.05) as c:
+            seen = []
+            started = time.monotonic()
+            with pytest.raises(errors.ConnectionLost):
+                for item in c.stream("/channels/c"):
+                    seen.append(item)
+            assert time.monotonic() - started < 10.0
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_exact_values_through_the_client(fast: AnyClient, fmt: str) -> None:
+    texts = [b"12345678901234567890123", b"1e400", b'"\\ud800"', b'{"n": -9223372036854775809}']
+    body = b"".join(
+        (b"data: " + t + b"\n\n")
+        if fmt == "sse"
+        else (b"\x1e" if fmt == "json-seq" else b"") + t + b"\n"
+        for t in texts
+    )
+    with RawServer([script(fmt, b"\xef\xbb\xbf" + body)]) as server:
+        got = list(fast.stream(server.url))
+    assert [repr(v) for v in got] == [
+        "12345678901234567890123",
+        "inf",
+        "'\\ud800'",
+        "{'n': -9223372036854775809}",
+    ]
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_values_before_a_bad_line_in_the_same_read_come_first(fast: AnyClient, fmt: str) -> None:
+    bad = {"ndjson": b"nope\n", "sse": b"data: nope\n\n", "json-seq": b"\x1enope\n"}[fmt]
+    body = value(fmt, 1) + value(fmt, 2) + bad
+    with RawServer([script(fmt, body + value(fmt, 3))]) as server:
+        seen = []
+        with pytest.raises(errors.DecodeError):
+            for item in fast.stream(server.url):
+                seen.append(item)
+    assert seen == [1, 2]
+
+
+def test_ndjson_space_keepalives_before_values_and_at_the_end(fast: AnyClient) -> None:
+    body = [b" ", b" ", value("ndjson", 1), b" ", value("ndjson", 2), b" "]
+    with RawServer([script("ndjson", *body)]) as server:
+        assert list(fast.stream(server.url)) == [1, 2]

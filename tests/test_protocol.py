@@ -13,13 +13,20 @@ from stream.errors import (
     HTTPStatusError,
     RemoteError,
     StreamReset,
+    StreamTimeout,
 )
 from stream.event import Event
 from stream.protocol import (
     ACCEPT_ANY,
     EVENTS,
     VALUES,
+    Connect,
+    Cut,
+    Deliver,
+    Pause,
+    Read,
     ReconnectPolicy,
+    Release,
     StreamState,
     accept_header,
     http_status_error,
@@ -176,9 +183,24 @@ def test_policy_honours_the_servers_retry_as_a_floor() -> None:
     assert [policy.next_delay() for _ in range(3)] == [2.0, 3.0, 5.0]
 
 
-def test_policy_retry_above_the_cap_is_still_honoured() -> None:
+def test_policy_retry_is_honoured_up_to_the_cap() -> None:
+    policy = ReconnectPolicy(maximum=1.0, retry=5.0, random=lambda: 0.0)
+    assert policy.next_delay() == 1.0
     policy = ReconnectPolicy(maximum=1.0, retry=5.0, random=lambda: 1.0)
-    assert policy.next_delay() == 5.0
+    assert policy.next_delay() == 1.0
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [
+        pytest.param(b"1000000000000", id="31-years"),
+        pytest.param(b"9" * 400, id="beyond-a-float"),
+    ],
+)
+def test_server_retry_is_capped_by_backoff_max(retry: bytes) -> None:
+    state = started(SSE, policy=ReconnectPolicy(maximum=30.0, random=lambda: 0.0))
+    drive(state, b"id: 1\ndata: 1\n\nretry: " + retry + b"\n\n")
+    assert state.disconnected(clean=True) == 30.0
 
 
 def test_policy_gives_up_after_max_attempts_and_success_resets() -> None:
@@ -394,16 +416,17 @@ def test_with_ids_both_ends_resume(clean: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("reconnect", "expected"),
+    ("reconnect", "clean", "expected"),
     [
-        pytest.param(True, 0.0, id="forced-on"),
-        pytest.param(None, None, id="auto-no-ids"),
+        pytest.param(True, False, 0.0, id="forced-on-cut"),
+        pytest.param(True, True, None, id="forced-on-normal-end"),
+        pytest.param(None, True, None, id="auto-no-ids"),
     ],
 )
-def test_reconnect_switch(reconnect: bool | None, expected: float | None) -> None:
+def test_reconnect_switch(reconnect: bool | None, clean: bool, expected: float | None) -> None:
     state = started(NDJSON, reconnect=reconnect, policy=ReconnectPolicy(random=lambda: 0.0))
-    drive(state, b"1\n")
-    assert state.disconnected(clean=True) == expected
+    drive(state, b"1\n", clean_end=clean)
+    assert state.disconnected(clean=clean, cause=None if clean else OSError()) == expected
 
 
 def test_reconnect_off_with_ids_cut_is_connection_lost() -> None:
@@ -476,3 +499,264 @@ def test_error_envelope_raises_remote_error(mode: str) -> None:
     with pytest.raises(RemoteError) as info:
         state.raise_error()
     assert info.value.code == "interrupted"
+
+
+# -- resume rules (CONTRACT.md, section 2; "Resuming" in stream.protocol) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("media", "body", "resumes"),
+    [
+        pytest.param(
+            SSE,
+            b"id: 1\ndata: 1\n\nretry: 1000\n\n",
+            True,
+            id="sse-retry-hint-after-the-last-event",
+        ),
+        pytest.param(SSE, b"id: 1\ndata: 1\n\n", False, id="sse-finite-stream-with-ids"),
+        pytest.param(
+            SSE, b"id: 1\nretry: 500\ndata: 1\n\n", False, id="sse-retry-inside-an-event-block"
+        ),
+        pytest.param(
+            SSE, b"retry: 1000\n\nid: 1\ndata: 1\n\n", False, id="sse-retry-before-the-last-event"
+        ),
+        pytest.param(
+            NDJSON, b'{"id": "1", "event": "message", "data": 1}\n', True, id="ndjson-envelopes"
+        ),
+        pytest.param(
+            JSON_SEQ, b'\x1e{"id": "1", "event": "m", "data": 1}\n', True, id="json-seq-envelopes"
+        ),
+        pytest.param(
+            NDJSON, b'{"id": "1", "event": "end", "data": null}\n', False, id="ndjson-end-marker"
+        ),
+        pytest.param(SSE, b"id: 1\nevent: end\ndata: null\n\n", False, id="sse-end-marker"),
+        pytest.param(SSE, b"id: 1\ndata: 1\n\ndata: [DONE]\n\n", False, id="sse-done"),
+    ],
+)
+def test_normal_end_resumes_only_an_unfinished_stream(
+    media: str, body: bytes, resumes: bool
+) -> None:
+    for mode in (VALUES, EVENTS):
+        state = started(media, mode, policy=ReconnectPolicy(random=lambda: 0.0))
+        drive(state, body)
+        delay = state.disconnected(clean=True)
+        assert (delay is not None) is resumes, mode
+
+
+def test_an_envelope_stream_stays_resumable_across_an_empty_response() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0))
+    drive(state, b'{"id": "1", "event": "message", "data": 1}\n')
+    assert state.disconnected(clean=True) == 0.0
+    state.start(NDJSON)  # the resumed body ends at once (the service shut down again)
+    drive(state)
+    assert state.disconnected(clean=True) == 0.0
+    assert state.policy.attempts == 2
+
+
+def test_a_resume_that_never_delivers_gives_up() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(max_attempts=3, random=lambda: 0.0))
+    drive(state, b'{"id": "1", "event": "message", "data": 1}\n')
+    with pytest.raises(ConnectionLost):
+        for _ in range(4):
+            state.disconnected(clean=True)
+            state.start(NDJSON)
+            drive(state)
+
+
+def test_no_content_ends_the_stream() -> None:
+    state = started(NDJSON, last_event_id="9")
+    state.no_content()
+    assert state.ended and state.disconnected(clean=True) is None
+
+
+def test_sse_done_ends_stream_and_events() -> None:
+    values = started(SSE)
+    assert drive(values, b"data: 1\n\ndata: [DONE]\n\ndata: 2\n\n") == [1]
+    assert values.ended
+    events = started(SSE, EVENTS)
+    out = drive(events, b"data: 1\n\ndata: [DONE]\n\ndata: 2\n\n")
+    assert out == [Event("", "message", "1"), Event("", "message", "[DONE]")]
+    assert events.ended
+
+
+@pytest.mark.parametrize(
+    ("ident", "header"),
+    [
+        pytest.param(" 5", {"Last-Event-ID": b"5"}, id="leading-space"),
+        pytest.param("5\t", {"Last-Event-ID": b"5"}, id="trailing-tab"),
+        pytest.param("a b", {"Last-Event-ID": b"a b"}, id="inner-space-kept"),
+        pytest.param(" ", {}, id="only-whitespace"),
+    ],
+)
+def test_last_event_id_is_sent_as_a_browser_sends_it(ident: str, header: dict[str, bytes]) -> None:
+    state = StreamState(VALUES, last_event_id=ident)
+    assert state.request_headers() == header
+    assert state.last_event_id == ident
+
+
+def test_sse_id_with_a_leading_space_is_kept_as_the_spec_says() -> None:
+    state = started(SSE, policy=ReconnectPolicy(random=lambda: 0.0))
+    assert drive(state, b"id:  5\ndata: 1\n\n") == [1]
+    assert state.last_event_id == " 5"
+    assert state.request_headers() == {"Last-Event-ID": b"5"}
+
+
+@pytest.mark.parametrize(
+    ("media", "body"),
+    [
+        pytest.param(NDJSON, b"1\n2\nbad\n3\n", id="ndjson"),
+        pytest.param(JSON_SEQ, b"\x1e1\n\x1e2\n\x1ebad\n\x1e3\n", id="json-seq"),
+        pytest.param(SSE, b"data: 1\n\ndata: 2\n\ndata: \xff\n\n", id="sse-invalid-utf8"),
+        pytest.param(SSE, b"data: 1\n\ndata: 2\n\ndata: bad\n\n", id="sse-not-json"),
+    ],
+)
+def test_values_before_a_bad_line_are_delivered_first(media: str, body: bytes) -> None:
+    state = started(media)
+    out = state.feed(body)
+    assert list(out) == [1, 2]
+    assert state.stop
+    with pytest.raises(DecodeError):
+        state.raise_error()
+
+
+def test_end_marker_before_a_bad_line_wins() -> None:
+    state = started(NDJSON)
+    out = state.feed(b'{"id": "1", "event": "end", "data": null}\nbad\n')
+    assert list(out) == []
+    assert state.ended and state.error is None
+
+
+@pytest.mark.parametrize(
+    ("media", "chunks", "pending"),
+    [
+        pytest.param(NDJSON, [b'{"a"'], True, id="ndjson-partial"),
+        pytest.param(NDJSON, [b" "], False, id="ndjson-space-keep-alive"),
+        pytest.param(NDJSON, [b"1\n"], False, id="ndjson-complete"),
+        pytest.param(SSE, [b"data: 1\n"], True, id="sse-block-not-dispatched"),
+        pytest.param(SSE, [b"da"], True, id="sse-partial-line"),
+        pytest.param(SSE, [b":\n"], False, id="sse-comment"),
+        pytest.param(JSON_SEQ, [b"\x1e[1"], True, id="json-seq-partial"),
+        pytest.param(JSON_SEQ, [b"\x1e"], False, id="json-seq-keep-alive"),
+        pytest.param(JSON_SEQ, [b"\x1e[1]\n"], False, id="json-seq-complete"),
+    ],
+)
+def test_pending(media: str, chunks: list[bytes], pending: bool) -> None:
+    state = started(media)
+    drive(state, *chunks, clean_end=False)
+    assert state.pending() is pending
+
+
+# -- the driver: the connect/read/resume loop both clients run ------------------------------
+
+
+def run_driver(
+    state: StreamState,
+    answers: list[Any],
+    *,
+    read_timeout: float | None = None,
+    clock: Any = None,
+) -> list[Any]:
+    """Perform the driver's commands from a script: each Read or Connect takes the next answer
+    (an exception is thrown into the driver); return the commands as short tuples."""
+    now = [0.0]
+    driver = state.drive(read_timeout=read_timeout, clock=clock or (lambda: now[0]))
+    seen: list[Any] = []
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            command = driver.throw(error) if error is not None else driver.send(answer)
+        except StopIteration:
+            return seen
+        error = answer = None
+        if isinstance(command, Read):
+            seen.append(("read", command.limit))
+            got = answers.pop(0)
+            if isinstance(got, float):  # time passes, then the bytes arrive
+                now[0] += got
+                got = answers.pop(0)
+            answer = got
+        elif isinstance(command, Deliver):
+            seen.append(("deliver", list(command.batch)))
+        elif isinstance(command, Release):
+            seen.append(("release",))
+        elif isinstance(command, Pause):
+            seen.append(("pause", command.seconds, command.attempt))
+        else:
+            assert isinstance(command, Connect)
+            seen.append(("connect",))
+            got = answers.pop(0)
+            if isinstance(got, BaseException):
+                error = got
+            else:
+                answer = got
+
+
+def test_driver_reads_delivers_and_ends() -> None:
+    state = started(NDJSON)
+    assert run_driver(state, [b"1\n2", b"\n", b""]) == [
+        ("read", None),
+        ("deliver", [1]),
+        ("read", None),
+        ("deliver", [2]),
+        ("read", None),
+        ("release",),
+    ]
+
+
+def test_driver_resumes_a_cut_and_retries_a_503() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0, initial=1.0))
+    busy = HTTPStatusError("HTTP 503", status_code=503, body=None)
+    answers = [
+        b'{"id": "1", "event": "message", "data": 1}\n',
+        Cut(OSError("reset")),
+        busy,
+        (200, NDJSON, None),
+        b'{"id": "2", "event": "end", "data": null}\n',
+    ]
+    assert run_driver(state, answers) == [
+        ("read", None),
+        ("deliver", [1]),
+        ("read", None),
+        ("release",),
+        ("pause", 0.0, 1),
+        ("connect",),
+        ("pause", 0.0, 2),
+        ("connect",),
+        ("read", None),
+        ("deliver", []),
+    ]
+    assert state.ended and state.request_headers() == {"Last-Event-ID": b"2"}
+
+
+def test_driver_raises_a_status_that_resuming_cannot_fix() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0))
+    gone = HTTPStatusError("HTTP 404", status_code=404, body=None)
+    with pytest.raises(HTTPStatusError):
+        run_driver(state, [b'{"id": "1", "event": "message", "data": 1}\n', Cut(OSError()), gone])
+
+
+def test_driver_ends_at_a_204_on_resume() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0))
+    answers = [b'{"id": "1", "event": "message", "data": 1}\n', Cut(OSError()), (204, None, None)]
+    assert run_driver(state, answers)[-2:] == [("pause", 0.0, 1), ("connect",)]
+    assert state.ended
+
+
+def test_driver_bounds_an_item_that_never_completes() -> None:
+    # A byte every 0.4 s keeps each read within a 1 s timeout; the item never completes.
+    state = started(NDJSON)
+    answers = [b"1\n", 0.1, b'{"a', 0.4, b"b", 0.4, b"c", 0.4, b"d"]
+    with pytest.raises(StreamTimeout):
+        run_driver(state, answers, read_timeout=1.0)
+    assert not answers[1:]  # timed out before the last byte was asked for
+
+
+def test_driver_keepalives_restart_the_clock() -> None:
+    state = started(NDJSON)
+    answers = [b'{"a', 0.9, b'": 1}\n', 0.9, b" ", 0.9, b" ", 0.5, b"2\n", b""]
+    commands = run_driver(state, answers, read_timeout=1.0)
+    assert ("deliver", [{"a": 1}]) in commands and ("deliver", [2]) in commands
+    limits = [c[1] for c in commands if c[0] == "read"]
+    assert limits[0] is None and limits[1] == pytest.approx(1.0)  # a partial item: bounded
+    assert limits[2:] == [None, None, None, None]  # whitespace holds no item

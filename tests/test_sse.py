@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream.errors import LineTooLong
+from stream.errors import DecodeError, LineTooLong
 from stream.event import Event
 from stream.sse import SSEDecoder
 from tests.test_lines import decode_three_ways, error_three_ways
@@ -163,8 +163,6 @@ def test_spec_example_event_types() -> None:
         ),
         pytest.param(b"retry: 007\ndata: a\n\n", [message("a", retry=7)], id="retry-leading-zeros"),
         pytest.param(b"data: a\x00b\n\n", [message("a\x00b")], id="null-in-data-kept"),
-        pytest.param(b"data: \xff\xfe\n\n", [message("\ufffd\ufffd")], id="invalid-utf8-replaced"),
-        pytest.param(b"data: \xe2\x82\n\n", [message("\ufffd")], id="truncated-utf8-replaced"),
         pytest.param("data: é€😀\n\n".encode(), [message("é€😀")], id="utf8-split-across-reads"),
         pytest.param(
             'data: ["a\u2028b", "\u2029", "\x85", "\x0b\x0c\x1c\x1d\x1e"]\n\n'.encode(),
@@ -192,13 +190,35 @@ def test_decode(body: bytes, events: list[Event]) -> None:
         pytest.param(b"\xef\xbb\xbf\xef\xbb\xbfdata: x\n\n", [], id="only-one-bom-stripped"),
         pytest.param(b"\xef\xbb\xbf:\n\xef\xbb\xbfdata: x\n\n", [], id="bom-later-not-stripped"),
         pytest.param(b"\xef\xbb\xbf\n\ndata: x\n\n", [message("x")], id="bom-then-blank-lines"),
-        pytest.param(b"\xef\xbbdata: x\n\n", [], id="half-a-bom-is-not-a-bom"),
         pytest.param(b"\xef\xbb\xbf", [], id="only-a-bom"),
         pytest.param(b"\xef", [], id="only-a-bom-prefix"),
     ],
 )
 def test_bom(body: bytes, events: list[Event]) -> None:
     assert decode(body) == events
+
+
+@pytest.mark.parametrize(
+    ("data", "line_number"),
+    [
+        pytest.param(b"data: \xff\xfe\n\n", 1, id="invalid-utf8"),
+        pytest.param(b"data: \xe2\x82\n\n", 1, id="truncated-utf8"),
+        pytest.param(b"\xef\xbbdata: x\n\n", 1, id="half-a-bom-is-invalid-utf8"),
+        pytest.param(b"data: a\n\n:\nid: \xc3\n\n", 4, id="after-an-event"),
+        pytest.param(b"data: a\r\n\r\n\xed\xa0\x80\r\n", 3, id="surrogate-bytes-after-crlf"),
+    ],
+)
+def test_invalid_utf8_is_a_decode_error(data: bytes, line_number: int) -> None:
+    # Departure from the spec's "UTF-8 decode" (U+FFFD): the same rule as NDJSON and JSON-seq.
+    assert error_three_ways(SSEDecoder, data).line_number == line_number
+
+
+def test_events_before_invalid_utf8_are_in_the_error() -> None:
+    decoder = SSEDecoder()
+    with pytest.raises(DecodeError) as info:
+        decoder.feed(b"id: 1\ndata: a\n\ndata: b\n\ndata: \xff\n\ndata: c\n\n")
+    assert info.value.values == [message("a", id="1"), message("b", id="1")]
+    assert info.value.line_number == 6
 
 
 def test_second_bom_is_part_of_the_field_name() -> None:
