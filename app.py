@@ -54,7 +54,13 @@ from stream.broker import (
 from stream.encoders import dumps_compact
 from stream.errors import RemoteError
 from stream.event import Envelope
-from stream.server import error_response, on_shutdown, open_streams, stream_response
+from stream.server import (
+    Unfinished,
+    error_response,
+    on_shutdown,
+    open_streams,
+    stream_response,
+)
 
 log = logging.getLogger("stream.app")
 
@@ -837,8 +843,8 @@ def follow(
             # Counted once, when the stream closes (stream_log): a stream stopped by its write
             # timeout while its queue overflowed never gets here.
             log.info("subscriber of %s fell behind and was cut off", key)
-            # Ending the body without an end marker makes the client resume from its id.
-            return
+            # An unfinished end (no end marker; SSE gets a retry: hint): the client resumes.
+            raise Unfinished("slow consumer") from None
         if entries:
             for entry in entries:
                 yield entry
@@ -851,6 +857,8 @@ def follow(
             quiet_since = time.monotonic()
             if watch.check(seen):
                 return
+    # STREAM_MAX_LIFETIME reached: an unfinished end, which clients resume from their id.
+    raise Unfinished("lifetime")
 
 
 def stream_log(

@@ -112,6 +112,21 @@ _retry_base, _retry_window = SHUTDOWN_RETRY_MS, SHUTDOWN_RETRY_WINDOW_MS
 _http_framing = True
 
 
+class Unfinished(Exception):
+    """Raised by a stream's generator to end its stream before the stream's own end.
+
+    The body ends cleanly and clients resume from their last id: SSE first gets a ``retry:``
+    hint of ``retry_ms``, which is how a reader tells this end from a finished stream (as on
+    shutdown); NDJSON and JSON-seq envelope streams without an end marker are resumed anyway.
+    For a stream that reached its lifetime, or a subscriber cut off for falling behind.
+    """
+
+    def __init__(self, reason: str = "unfinished", retry_ms: int = 1000) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_ms = retry_ms
+
+
 def _gevent_active() -> bool:
     """Whether gevent has patched this process (then producers are greenlets that can be killed)."""
     monkey = sys.modules.get("gevent.monkey")
@@ -446,6 +461,10 @@ class StreamWriter:
     def _failed(self, exc: BaseException) -> None:
         """The generator (or encoding its value) raised: end with the contract's error event."""
         if self._stopping or isinstance(exc, _NOT_FAILURES) or _is_greenlet_exit(exc):
+            return
+        if isinstance(exc, Unfinished):
+            self._tail += self._encoder.retry_hint(exc.retry_ms)
+            self._reason = exc.reason
             return
         if isinstance(exc, RemoteError):
             code, message = exc.code, exc.message
@@ -899,6 +918,7 @@ def stream_response(
 __all__ = [
     "Envelope",
     "StreamWriter",
+    "Unfinished",
     "error_response",
     "inline_keepalives",
     "on_shutdown",

@@ -1,8 +1,9 @@
 """The client against the real service (gunicorn + gevent): this service's unfinished ends resume.
 
-``STREAM_MAX_LIFETIME`` ends a channel's body normally, without an end marker; over NDJSON and
-JSON-seq (envelopes) the client must resume from its last id, losing and repeating nothing
-(CONTRACT.md, section 2, and "Resuming" in ``stream.protocol``).
+``STREAM_MAX_LIFETIME`` ends a channel's body normally, without an end marker (SSE first gets a
+``retry:`` hint, the mark of an unfinished end); in every format the client must resume from its
+last id, losing and repeating nothing (CONTRACT.md, section 2, and "Resuming" in
+``stream.protocol``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ COUNT = 30
 
 @pytest.mark.e2e
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("fmt", ["ndjson", "json-seq"])
+@pytest.mark.parametrize("fmt", ["ndjson", "json-seq", "sse"])
 def test_stream_resumes_across_lifetime_ends(
     start_service: Callable[..., Service], fmt: str
 ) -> None:

@@ -19,7 +19,7 @@ from stream.encoders import encoder_for
 from stream.errors import RemoteError
 from stream.event import Envelope
 from stream.formats import SSE
-from stream.server import StreamWriter, stream_response
+from stream.server import StreamWriter, Unfinished, stream_response
 from tests.service import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -355,3 +355,22 @@ def test_shutdown_spreads_retry_hints_over_the_window(monkeypatch: pytest.Monkey
         writer.close()
     assert all(5000 <= hint <= 7000 for hint in hints), hints
     assert len(set(hints)) > 1
+
+
+@pytest.mark.parametrize(
+    "fmt, tail",
+    [("sse", b"retry: 2500\n\n"), ("ndjson", b"")],
+    ids=["sse-retry-hint", "ndjson-no-marker"],
+)
+def test_unfinished_end_hints_sse_clients_to_resume(fmt: str, tail: bytes) -> None:
+    # A lifetime end or a slow consumer cut off: a clean end, no error event; SSE gets the
+    # retry: hint that marks an unfinished end (clients resume from their id).
+    def gen() -> Iterator[Any]:
+        yield {"i": 1}
+        raise Unfinished("lifetime", retry_ms=2500)
+
+    app = make_app(gen)
+    body = app.test_client().get(f"/s?format={fmt}").data
+    assert body.endswith(tail)
+    assert b"error" not in body
+    assert b'{"i":1}' in body
