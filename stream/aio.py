@@ -188,6 +188,8 @@ class _Reader:
         url: str,
         *,
         params: Any,
+        method: str = "GET",
+        json: Any = None,
         headers: Mapping[str, str],
         timeout: httpx.Timeout,
         state: StreamState,
@@ -197,6 +199,8 @@ class _Reader:
         self._client = client
         self._url = url
         self._params = params
+        self._method = method
+        self._json = json
         # As bytes, so that a Last-Event-ID of any text can join them (httpx sends str as ASCII).
         self._headers = [(name.encode("ascii"), value.encode()) for name, value in headers.items()]
         self._timeout = timeout
@@ -217,7 +221,12 @@ class _Reader:
             headers += [(name.encode("ascii"), value) for name, value in extra.items()]
         try:
             request = self._client.build_request(
-                "GET", self._url, params=self._params, headers=headers, timeout=self._timeout
+                self._method,
+                self._url,
+                params=self._params,
+                json=self._json,
+                headers=headers,
+                timeout=self._timeout,
             )
             response = await _send(
                 self._client, request, read=self._timeout.read, strip=self._strip
@@ -470,6 +479,8 @@ class AsyncClient:
         path: str,
         *,
         params: Any = None,
+        method: str = "GET",
+        json: Any = None,
         headers: Mapping[str, str] | None = None,
         format: str | None = None,
         last_event_id: str | None = None,
@@ -477,11 +488,17 @@ class AsyncClient:
         timeout: Timeout = None,
         on_reset: Callable[[Event], object] | None = None,
     ) -> AsyncStream[Any]:
-        """Stream the decoded JSON values at ``path`` (for jobs and channels: each ``data``)."""
+        """Stream the decoded JSON values at ``path`` (for jobs and channels: each ``data``).
+
+        ``method`` and ``json`` send another request than a GET (an OpenAI-style POST with a
+        JSON body); a resume sends the same request again, with ``Last-Event-ID``.
+        """
         return self._stream(
             VALUES,
             path,
             params=params,
+            method=method,
+            json=json,
             headers=headers,
             format=format,
             last_event_id=last_event_id,
@@ -495,6 +512,8 @@ class AsyncClient:
         path: str,
         *,
         params: Any = None,
+        method: str = "GET",
+        json: Any = None,
         headers: Mapping[str, str] | None = None,
         format: str | None = None,
         last_event_id: str | None = None,
@@ -507,6 +526,8 @@ class AsyncClient:
             EVENTS,
             path,
             params=params,
+            method=method,
+            json=json,
             headers=headers,
             format=format,
             last_event_id=last_event_id,
@@ -521,6 +542,8 @@ class AsyncClient:
         path: str,
         *,
         params: Any = None,
+        method: str = "GET",
+        json: Any = None,
         headers: Mapping[str, str] | None = None,
         format: str | None = None,
         last_event_id: str | None = None,
@@ -543,6 +566,8 @@ class AsyncClient:
             self.client,
             self.url(path),
             params=params,
+            method=method,
+            json=json,
             headers=merged,
             timeout=_timeout(timeout if timeout is not None else self.timeout),
             state=state,

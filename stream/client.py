@@ -260,6 +260,8 @@ class _Reader:
         url: str,
         *,
         params: Any,
+        method: str = "GET",
+        json: Any = None,
         headers: dict[str, str | bytes],
         timeout: Timeout,
         state: StreamState,
@@ -269,6 +271,8 @@ class _Reader:
         self._session = session
         self._url = url
         self._params = params
+        self._method = method
+        self._json = json
         self._headers = headers
         self._timeout = timeout
         self._state = state
@@ -282,9 +286,11 @@ class _Reader:
         headers = dict(self._headers)
         headers.update(self._state.request_headers())
         try:
-            response = self._session.get(
+            response = self._session.request(
+                self._method,
                 self._url,
                 params=self._params,
+                json=self._json,
                 headers=headers,
                 stream=True,
                 timeout=self._timeout,
@@ -534,6 +540,8 @@ class Client:
         path: str,
         *,
         params: Any = None,
+        method: str = "GET",
+        json: Any = None,
         headers: Mapping[str, str] | None = None,
         format: str | None = None,
         last_event_id: str | None = None,
@@ -541,11 +549,17 @@ class Client:
         timeout: Timeout = None,
         on_reset: Callable[[Event], object] | None = None,
     ) -> Stream[Any]:
-        """Stream the decoded JSON values at ``path`` (for jobs and channels: each ``data``)."""
+        """Stream the decoded JSON values at ``path`` (for jobs and channels: each ``data``).
+
+        ``method`` and ``json`` send another request than a GET (an OpenAI-style POST with a
+        JSON body); a resume sends the same request again, with ``Last-Event-ID``.
+        """
         return self._stream(
             VALUES,
             path,
             params=params,
+            method=method,
+            json=json,
             headers=headers,
             format=format,
             last_event_id=last_event_id,
@@ -559,6 +573,8 @@ class Client:
         path: str,
         *,
         params: Any = None,
+        method: str = "GET",
+        json: Any = None,
         headers: Mapping[str, str] | None = None,
         format: str | None = None,
         last_event_id: str | None = None,
@@ -571,6 +587,8 @@ class Client:
             EVENTS,
             path,
             params=params,
+            method=method,
+            json=json,
             headers=headers,
             format=format,
             last_event_id=last_event_id,
@@ -585,6 +603,8 @@ class Client:
         path: str,
         *,
         params: Any = None,
+        method: str = "GET",
+        json: Any = None,
         headers: Mapping[str, str] | None = None,
         format: str | None = None,
         last_event_id: str | None = None,
@@ -607,6 +627,8 @@ class Client:
             self.session,
             self.url(path),
             params=params,
+            method=method,
+            json=json,
             headers=merged,
             timeout=timeout if timeout is not None else self.timeout,
             state=state,

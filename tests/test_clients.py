@@ -722,6 +722,19 @@ def test_openai_style_done_ends_the_stream(fast: AnyClient) -> None:
         assert len(server.requests) == 1
 
 
+def test_openai_style_post_with_a_json_body(fast: AnyClient) -> None:
+    # OpenAI-style APIs stream the answer to a POST: the request carries its method and body.
+    body = [b'data: {"delta": "Hel"}\n\n', b'data: {"delta": "lo"}\n\n', b"data: [DONE]\n\n"]
+    with RawServer([script("sse", *body)]) as server:
+        prompt = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        got = list(fast.stream(server.url, method="POST", json=prompt))
+        assert got == [{"delta": "Hel"}, {"delta": "lo"}]
+        (request,) = server.requests
+        assert request.method == "POST"
+        assert request.headers["content-type"] == "application/json"
+        assert orjson.loads(request.body) == prompt
+
+
 @pytest.mark.parametrize("framing", ["chunked", "close"])
 def test_finite_stream_of_another_server_with_ids_ends(fast: AnyClient, framing: str) -> None:
     # sse-starlette: ids, a retry on each event, a normal end, and a replay on any reconnect.
