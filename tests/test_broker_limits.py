@@ -199,8 +199,10 @@ def test_redis_reader_behind_the_trim_gives_a_reset_not_a_silent_gap(redis_url: 
         # The reset names the subscriber's position: the last entry it got before the gap.
         assert fields["last_event_id"] == (before[-1] if before else first[0])
         assert fields["first_retained_id"] == after[0]
-        # The second publish is gone for good (the third removed it); the third follows whole.
-        assert before in ([], lost[:10]) and after == kept
+        # A read already under way when the stall began may still see the second publish
+        # before the third removes it; either way the reset sits exactly at the gap and what
+        # follows it is whole and in order.
+        assert before in ([], lost[:10]) and after in (kept, lost[10:] + kept)
     finally:
         sub.close()
         reading.close()
