@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +36,7 @@ from typing import Any
 import orjson
 import requests
 from attack_tools import (
+    ROOT,
     LogTail,
     NdjsonReader,
     ProcfileWorker,
@@ -1079,6 +1081,23 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def write_results(path: str, rows: list[Row], summary: str, args: argparse.Namespace) -> None:
+    """The table as a Markdown page: when, on which commit, with which command."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    only = f" --only {' '.join(args.only)}" if args.only else ""
+    command = f"scripts/attack.py --scale {args.scale}{only}"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    Path(path).write_text(
+        "# Attacks on the service, and what held\n\n"
+        f"Written by `{command} --write {path}` on {when}, commit {commit}, on a shared "
+        f"{os.cpu_count()}-core machine. Every attack runs against gunicorn with gevent "
+        "workers and redis-server on loopback; the README's reliability section says what "
+        "each one tries.\n\n" + table(rows) + f"\n\n{summary}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(ATTACKS), metavar="NAME",
@@ -1086,6 +1105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=("small", "full"), default="small")
     parser.add_argument("--list", action="store_true", help="list the attacks and exit")
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs when all held")
+    parser.add_argument("--write", metavar="FILE",
+                        help="also write the table, with the date and commit, to FILE "
+                             "(the committed figures live in bench/ATTACKS.md)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.list:
         for name, (function, _, _) in ATTACKS.items():
@@ -1100,11 +1122,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         run.close()
     failed = [row for row in rows if not row.held]
-    print(table(rows))
-    print(
-        f"\n{len(rows) - len(failed)} held, {len(failed)} FAILED; scale {args.scale}, "
+    summary = (
+        f"{len(rows) - len(failed)} held, {len(failed)} FAILED; scale {args.scale}, "
         f"{time.monotonic() - began:.0f} s"
     )
+    print(table(rows))
+    print(f"\n{summary}")
+    if args.write:
+        write_results(args.write, rows, summary, args)
     if failed or args.keep_logs:
         print(f"logs: {run.tmp}")
     else:
