@@ -171,7 +171,7 @@ def test_flask_extra_serves_streams_and_names_the_missing_extras(
         for extra, statement in [
             ("aio", "from stream.aio import AsyncClient"),
             ("client", "from stream import Client"),
-            ("redis", "import stream.redis_broker"),
+            ("redis", "import stream.broker.redis"),
         ]:
             try:
                 exec(statement)

@@ -5,7 +5,7 @@ their ids; subscribing replays what the caller has not seen yet (everything, or 
 a ``Last-Event-ID``) and then follows the live tail, with no gap and no duplicate between the
 two. A publish is all or nothing: its entries are appended together or not at all, and every
 live subscriber receives all of them, in one batch, whatever their number (or a ``reset``, on
-Redis, when the per-worker reader fell behind the trim; see ``stream.redis_broker``).
+Redis, when the per-worker reader fell behind the trim; see ``stream.broker.redis``).
 
 Each subscriber has its own bounded queue: a reader that falls ``queue_size`` entries behind is
 cut off (``SlowConsumer``) instead of slowing the publisher or the other readers. "Behind"
@@ -675,6 +675,6 @@ def create_broker(
         return MemoryBroker(
             max_len=max_len, max_age=max_age, queue_size=queue_size, max_bytes=max_bytes
         )
-    from stream.redis_broker import RedisBroker  # imports redis: only when asked for
+    from stream.broker.redis import RedisBroker  # imports redis: only when asked for
 
     return RedisBroker(redis_url, max_len=max_len, max_age=max_age, queue_size=queue_size)

@@ -100,7 +100,7 @@ except ModuleNotFoundError as exc:
 
     raise missing("redis", exc) from exc
 
-from stream.broker import (
+from stream.broker.base import (
     BrokerUnavailable,
     LocalSubscription,
     Subscription,
