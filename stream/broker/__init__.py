@@ -17,19 +17,24 @@ Node; here ``stream_response(..., envelopes=True)`` sends the ids and the client
     def answer_events(key: str) -> Response:
         last_id = request.headers.get("Last-Event-ID")
         if last_id is not None and not broker.valid_id(last_id):
-            abort(400)
+            return error_response(400, "bad_last_event_id", "not a stream id")
         sub = broker.subscribe(key, last_id, from_start=last_id is None)
 
         def entries() -> Iterator[Envelope]:
-            while True:
-                for entry in sub.get(1.0):                # raises SlowConsumer if it fell behind
-                    yield entry
-                    if entry.event == END:
-                        return
+            try:
+                while True:
+                    for entry in sub.get(1.0):            # [] after 1 s of nothing
+                        yield entry
+                        if entry.event == END:
+                            return
+            except SlowConsumer:  # it fell too far behind: end without END, the client resumes
+                return
 
         return stream_response(entries(), envelopes=True, on_close=lambda reason: sub.close())
 
-(``MESSAGE`` and ``END`` come from ``stream.wire``.) The modules:
+(``MESSAGE`` and ``END`` come from ``stream.wire``, ``error_response`` from ``stream.server``;
+the repository's ``tests/resumable_app.py`` runs this example, and a test resumes its stream
+on another machine.) The modules:
 
 - ``base``: the protocol (``Broker``, ``Subscription``), ids, errors, the ``reset`` envelope;
   its docstring says what a subscriber is promised. It imports neither implementation.
