@@ -44,7 +44,6 @@ from urllib.parse import urlsplit
 import orjson
 
 from . import errors
-from .client import Client
 from .event import Event
 from .protocol import EVENTS, VALUES, Hooks
 from .wire import ERROR, MESSAGE, RESET
@@ -148,7 +147,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``--help`` lists the exit codes)."""
     parser = _Parser(
-        prog="python -m stream",
+        # the name it was started by: the ``stream`` script of the client extra, or ``-m``
+        prog="stream" if os.path.basename(sys.argv[0]) == "stream" else "python -m stream",
         description="Print a stream's events as they arrive, one compact JSON value per line.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -262,6 +262,12 @@ def _compact(values: Iterable[Any]) -> bytes:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
+    try:
+        # Here, not at the top: --help and a bad command line need no requests either.
+        from .client import Client
+    except ModuleNotFoundError as exc:  # the client extra is missing: its pip line, once
+        sys.stderr.write(f"stream: error: {exc}\n")
+        return EXIT_ERROR
     url: str = args.url
     stdout = sys.stdout.buffer
     pretty = not args.raw and sys.stdout.isatty()

@@ -166,6 +166,31 @@ def test_a_connect_timeout_names_host_and_port_not_a_connection_object() -> None
     assert str(error) == "timed out: 127.0.0.1:9: Connection to 127.0.0.1 timed out."
 
 
+def test_the_script_is_named_as_it_was_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["/home/me/.local/bin/stream"])
+    assert build_parser().prog == "stream"
+    monkeypatch.setattr(sys, "argv", ["/src/stream/__main__.py"])
+    assert build_parser().prog == "python -m stream"
+
+
+def test_without_the_client_extra_one_line_names_it() -> None:
+    # requests made unimportable, as in an install without the client extra
+    code = (
+        "import sys; sys.modules['requests'] = None\n"
+        "from stream.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-c", code, "http://127.0.0.1:1/"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert "pip install 'flask-json-stream[client]'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
