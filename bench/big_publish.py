@@ -5,7 +5,7 @@ one-digit lines) through the Redis broker while another process (another worker)
 small value at a time on another key, back to back, and PINGs Redis between them. Prints the
 big publish's time and the small publishes' and PINGs' latencies (p50, p99, max): what another
 worker waits while Redis works on the big one. ``--impl FILE`` loads ``RedisBroker`` from another
-copy of ``stream/redis_broker.py`` (to compare with an earlier version).
+copy of ``stream/broker/redis.py`` (to compare with an earlier version).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import redis
 
 def _broker_class(impl: str | None) -> Any:
     if impl is None:
-        from stream.redis_broker import RedisBroker
+        from stream.broker.redis import RedisBroker
 
         return RedisBroker
     spec = importlib.util.spec_from_file_location("redis_broker_under_test", impl)
@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--values", type=int, default=524_000)
-    parser.add_argument("--impl", help="a redis_broker.py file to load RedisBroker from")
+    parser.add_argument("--impl", help="a copy of stream/broker/redis.py to load RedisBroker from")
     args = parser.parse_args()
     broker = _broker_class(args.impl)(
         args.redis_url, prefix=f"bench:{uuid.uuid4().hex}:", socket_timeout=60

@@ -729,7 +729,7 @@ def fanout(cfg: Config) -> tuple[Section, list[Goal], dict[str, Any]]:
     )
     if not servers.service_importable():
         section.notes.append(
-            "**Not run**: app.py does not import yet (stream/broker.py has not "
+            "**Not run**: app.py does not import yet (stream/broker/ has not "
             "landed). `python -m bench --only 5` runs it once it has."
         )
         return section, [], {}

@@ -16,7 +16,7 @@ UVICORN = ["--loop", "uvloop", "--http", "httptools", "--host", "127.0.0.1"]
 
 @cache
 def service_importable() -> bool:
-    """Whether ``gunicorn wsgi:app`` can start (app.py needs stream/broker.py, not there yet)."""
+    """Whether ``gunicorn wsgi:app`` can start (app.py needs stream/broker/, not there yet)."""
     r = subprocess.run([PY, "-c", "import app"], cwd=ROOT, capture_output=True, timeout=60)
     return r.returncode == 0
 

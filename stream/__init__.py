@@ -1,11 +1,23 @@
 """Stream JSON over HTTP from Flask under gunicorn+gevent, and read it back as a collection.
 
-Layering (``tests/test_layering.py`` guards it): the pure core (``lines``, ``ndjson``, ``sse``,
-``jsonseq``, ``formats``, ``encoders``, ``protocol``, ``event``, ``errors``) uses the standard
-library and orjson only, no I/O. Around it, one module per framework or transport, each the
-only one importing it: ``server`` (Flask), ``client`` (requests), ``aio`` (httpx),
-``redis_broker`` (redis). Importing ``stream`` imports only the core: ``Client`` (requests) and
-``stream_response`` (Flask) are imported when first used.
+Layout, and the layering rule that ``tests/test_layering.py`` guards:
+
+- The pure core: the standard library and orjson only, no I/O. ``wire`` (the vocabulary,
+  defined once: media types, reserved event names, the error and reset payloads), ``lines``,
+  ``ndjson``, ``sse``, ``jsonseq`` (decoders), ``encoders``, ``formats`` (negotiation),
+  ``event``, ``errors`` (the error tree), ``protocol`` (the clients' sans-I/O driver), and the
+  brokers' ``broker.base`` (what a broker is: an append-only log per key with a live tail) and
+  ``broker.memory`` (the in-process broker; ``threading`` only).
+- Around it, one module per framework or transport, the only one that imports it: ``server``
+  (Flask: ``stream_response``), ``client`` (requests: ``Client``, used by the command line in
+  ``__main__``), ``aio`` (httpx: ``AsyncClient``), ``broker.redis`` (redis-py: ``RedisBroker``),
+  ``gunicorn`` (hooks for your ``gunicorn.conf.py``), ``metrics`` (prometheus-client, optional).
+- Imports point inward, never in a circle: the core imports nothing around it, and
+  ``broker.base`` imports neither broker (both import it). ``import stream`` and ``import
+  stream.broker`` import no framework or transport: ``Client`` (requests) and
+  ``stream_response`` (Flask) load when first used, ``RedisBroker`` only from
+  ``stream.broker.redis`` or through ``create_broker`` with a Redis URL. A missing extra fails
+  with the ``pip install`` line that brings it (``_extras``).
 """
 
 from __future__ import annotations

@@ -32,19 +32,21 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from itertools import islice
-from typing import IO, Any
+from typing import IO, Any, NoReturn
+from urllib.parse import urlsplit
 
 import orjson
 
 from . import errors
-from .client import Client
 from .event import Event
 from .protocol import EVENTS, VALUES, Hooks
+from .wire import ERROR, MESSAGE, RESET
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -93,29 +95,67 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+# The converters raise ArgumentTypeError with a sentence: for a plain ValueError argparse would
+# print "invalid _positive value", the converter's own name.
+
+
+def _http_url(text: str) -> str:
+    url = text if "://" in text else "http://" + text
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is what checks it (a ValueError)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a valid URL: {text!r}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise argparse.ArgumentTypeError(
+            f"only http:// and https:// URLs can be streamed, not {parts.scheme}:// ({text!r})"
+        )
+    if not parts.hostname:
+        raise argparse.ArgumentTypeError(f"no host in {text!r}")
+    return url
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, not {text!r}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError("must be 0 (no timeout) or more")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):  # NaN fails both
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, 0 (no timeout) or more, not {text!r}"
+        )
     return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line answered in one line (not the usage block too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``--help`` lists the exit codes)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m stream",
+    parser = _Parser(
+        # the name it was started by: the ``stream`` script of the client extra, or ``-m``
+        prog="stream" if os.path.basename(sys.argv[0]) == "stream" else "python -m stream",
         description="Print a stream's events as they arrive, one compact JSON value per line.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("url", metavar="URL", help="the stream's URL (http:// is assumed)")
+    parser.add_argument(
+        "url", metavar="URL", type=_http_url, help="the stream's URL (http:// is assumed)"
+    )
     parser.add_argument(
         "--format", choices=("ndjson", "sse", "json-seq"), help="ask for this wire format"
     )
@@ -205,7 +245,7 @@ def _readable(events: Iterable[Event], color: bool) -> bytes:
     for event in events:
         kind = event.event
         if color:
-            code = {"message": "36", "reset": "33", "error": "31"}.get(kind, "35")
+            code = {MESSAGE: "36", RESET: "33", ERROR: "31"}.get(kind, "35")
             head = f"\x1b[2m{event.id}\x1b[0m " if event.id else ""
             head += f"\x1b[{code}m{kind}\x1b[0m "
         else:
@@ -222,9 +262,13 @@ def _compact(values: Iterable[Any]) -> bytes:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
+    try:
+        # Here, not at the top: --help and a bad command line need no requests either.
+        from .client import Client
+    except ModuleNotFoundError as exc:  # the client extra is missing: its pip line, once
+        sys.stderr.write(f"stream: error: {exc}\n")
+        return EXIT_ERROR
     url: str = args.url
-    if "://" not in url:
-        url = "http://" + url
     stdout = sys.stdout.buffer
     pretty = not args.raw and sys.stdout.isatty()
     color = "NO_COLOR" not in os.environ

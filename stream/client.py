@@ -106,8 +106,24 @@ def _reason(exc: BaseException) -> str:
     """The useful part of a requests error: urllib3's innermost reason, not the retry wrapper."""
     inner = exc.args[0] if exc.args else None
     if isinstance(inner, urllib3.exceptions.MaxRetryError) and inner.reason is not None:
-        return str(inner.reason)
+        return _without_connection(inner.reason)
     return str(exc)
+
+
+def _without_connection(exc: BaseException) -> str:
+    """urllib3's message with ``host:port`` where it names its connection object.
+
+    urllib3 writes the connection's class into connect errors (ours: ``_HeadersDeadline``,
+    or a whole repr in a tuple for a connect timeout); a user wants to read where it failed.
+    """
+    args = exc.args
+    if len(args) == 2 and isinstance(args[0], urllib3.connection.HTTPConnection):
+        return f"{args[0].host}:{args[0].port}: {args[1]}"  # ConnectTimeoutError(conn, message)
+    text = str(exc)
+    conn = getattr(exc, "conn", None)  # NewConnectionError: "<conn>: <message>"
+    if isinstance(conn, urllib3.connection.HTTPConnection):
+        text = text.replace(str(conn), f"{conn.host}:{conn.port}", 1)
+    return text
 
 
 def _translate(exc: BaseException, attempts: int = 0) -> StreamError:

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from .event import Envelope
-from .formats import JSON_SEQ, NDJSON, SSE
+from .wire import ERROR, JSON_SEQ, MESSAGE, NDJSON, SSE, error_json
 
 _dumps = orjson.dumps
 
@@ -42,8 +42,8 @@ def dumps_compact(value: Any) -> bytes:
     return bytes(memoryview(_dumps(value)))
 
 
-def _error_object(code: str, message: str) -> bytes:
-    return _dumps({"error": {"code": code, "message": message}})
+#: the head of SSE's error event (its data is the error object)
+_SSE_ERROR = b"event: " + ERROR.encode() + b"\ndata: "
 
 
 # Not orjson's OPT_APPEND_NEWLINE: in orjson 3.13 each result it returns keeps a ~4 KiB
@@ -80,7 +80,7 @@ def _jsonseq_envelope(env: Envelope) -> bytes:
 
 def _sse_envelope(env: Envelope) -> bytes:
     head = b"id: " + env.id.encode() + b"\n"
-    if env.event != "message":
+    if env.event != MESSAGE:
         head += b"event: " + env.event.encode() + b"\n"
     return head + b"data: " + env.data + b"\n\n"
 
@@ -107,9 +107,9 @@ class Encoder:
 
     def error(self, code: str, message: str) -> bytes:
         """The error event that ends a stream whose producer failed after it started."""
-        body = _error_object(code, message)
+        body = error_json(code, message)
         if self.media_type == SSE:
-            return b"event: error\ndata: " + body + b"\n\n"
+            return _SSE_ERROR + body + b"\n\n"
         if self.media_type == JSON_SEQ:
             return b"\x1e" + body + b"\n"
         return body + b"\n"

@@ -14,9 +14,18 @@ from __future__ import annotations
 
 from typing import Final
 
-NDJSON: Final = "application/x-ndjson"
-SSE: Final = "text/event-stream"
-JSON_SEQ: Final = "application/json-seq"
+# The media types are stream.wire's; re-exported here, where negotiation names them.
+from .wire import JSON, JSON_SEQ, NDJSON, NDJSON_ALIASES, SSE
+
+__all__ = [
+    "FORMAT_NAMES",
+    "JSON_SEQ",
+    "MEDIA_TYPES",
+    "NDJSON",
+    "SSE",
+    "NegotiationError",
+    "negotiate",
+]
 
 #: the server's order of preference, which breaks ties between equal qualities
 MEDIA_TYPES: Final = (NDJSON, SSE, JSON_SEQ)
@@ -27,12 +36,7 @@ FORMAT_NAMES: Final = {"ndjson": NDJSON, "sse": SSE, "json-seq": JSON_SEQ}
 #: other spellings clients send for the same formats (``application/ndjson`` is the ndjson spec's).
 #: ``application/json`` is not NDJSON's media type, but a client that asks for JSON (every
 #: OpenAPI-generated one does) reads a stream of JSON values best as NDJSON: one JSON text a line.
-_ALIASES: Final = {
-    "application/json": NDJSON,
-    "application/ndjson": NDJSON,
-    "application/jsonl": NDJSON,
-    "application/x-jsonlines": NDJSON,
-}
+_ALIASES: Final = {alias: NDJSON for alias in (JSON, *NDJSON_ALIASES)}
 
 
 class NegotiationError(ValueError):

@@ -105,10 +105,24 @@ from .errors import (
     StreamTimeout,
 )
 from .event import Event
-from .formats import FORMAT_NAMES, JSON_SEQ, NDJSON, SSE
+from .formats import FORMAT_NAMES
 from .jsonseq import JSONSeqDecoder
 from .ndjson import NDJSONDecoder, decode_exact, loads_exact, long_digits
 from .sse import SSEDecoder
+from .wire import (
+    DONE,
+    END,
+    ERROR,
+    JSON,
+    JSON_SEQ,
+    MESSAGE,
+    NDJSON,
+    NDJSON_ALIASES,
+    RESERVED_EVENTS,
+    RESET,
+    SSE,
+    error_fields,
+)
 
 __all__ = [
     "ACCEPT_ANY",
@@ -148,18 +162,13 @@ EVENTS: Final = "events"
 #: what a client asks for when the caller names no format: all three, NDJSON first
 ACCEPT_ANY: Final = f"{NDJSON}, {SSE};q=0.9, {JSON_SEQ};q=0.8"
 
-#: other spellings of the NDJSON media type (``application/ndjson`` is the ndjson spec's own)
-_NDJSON_ALIASES: Final = frozenset(
-    {NDJSON, "application/ndjson", "application/jsonl", "application/x-jsonlines"}
-)
+#: the media types a body of NDJSON arrives with
+_NDJSON_TYPES: Final = NDJSON_ALIASES | {NDJSON}
 
 _ENVELOPE_KEYS: Final = frozenset({"id", "event", "data"})
 # A value can only be special (an envelope or an error object) if its keys are a subset of
 # these: one C-level subset test rejects ordinary objects at their first foreign key.
 _SPECIAL_KEYS: Final = frozenset({"id", "event", "data", "error"})
-_SSE_SPECIAL: Final = frozenset({"end", "reset", "error"})
-#: the data that ends an OpenAI-style SSE stream (https://platform.openai.com/docs/api-reference)
-DONE: Final = "[DONE]"
 
 #: how much of a non-2xx body a client reads to find the JSON error in it
 ERROR_BODY_LIMIT: Final = 64 * 1024
@@ -185,7 +194,7 @@ def media_type(content_type: str | None, response: Any = None) -> str:
     """The media type a ``Content-Type`` names (parameters ignored), or ContentTypeError."""
     raw = content_type or ""
     media = raw.partition(";")[0].strip().lower()
-    if media in _NDJSON_ALIASES:
+    if media in _NDJSON_TYPES:
         return NDJSON
     if media == SSE or media == JSON_SEQ:
         return media
@@ -210,11 +219,8 @@ def accept_header(format: str | None) -> str:
 
 def remote_error(value: Any) -> RemoteError | None:
     """The ``RemoteError`` a decoded value stands for, if it is the server's error object."""
-    if type(value) is dict and len(value) == 1:
-        error = value.get("error")
-        if type(error) is dict and "code" in error and "message" in error:
-            return RemoteError(str(error["code"]), str(error["message"]))
-    return None
+    fields = error_fields(value)
+    return None if fields is None else RemoteError(*fields)
 
 
 def _sse_remote_error(data: str) -> RemoteError | None:
@@ -315,10 +321,10 @@ def publish_request(
     merged = dict(headers)
     if len(values) == 1:
         body = orjson.dumps(values[0])
-        merged["Content-Type"] = "application/json"
+        merged["Content-Type"] = JSON
     else:
         body = b"".join(orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE) for value in values)
-        merged["Content-Type"] = "application/x-ndjson"
+        merged["Content-Type"] = NDJSON
     if token is not None:
         merged["Authorization"] = f"Bearer {token}"
     params = {"event": event} if event is not None else None
@@ -770,14 +776,14 @@ class StreamState:
                     if type(ident) is str:
                         self._last_id = ident
                     kind = value["event"]
-                    if kind == "end" or kind == "reset":  # (``in`` a set fails on a list)
-                        if kind == "end":
+                    if kind == END or kind == RESET:  # (``in`` a set fails on a list)
+                        if kind == END:
                             self._end()
                             return
-                        if not self._reset(Event(self._last_id, "reset", _text(value["data"]))):
+                        if not self._reset(Event(self._last_id, RESET, _text(value["data"]))):
                             return
                         continue
-                    if kind == "error" and (error := remote_error(value["data"])) is not None:
+                    if kind == ERROR and (error := remote_error(value["data"])) is not None:
                         # A logged error (a job interrupted by a shutdown) in its envelope.
                         self._fail(error)
                         return
@@ -799,15 +805,15 @@ class StreamState:
                         self._last_id = ident
                     kind = value["event"]
                     if type(kind) is not str:
-                        kind = "message"
-                    if kind == "end":
+                        kind = MESSAGE
+                    if kind == END:
                         self._end()
                         return
-                    if kind == "error" and (error := remote_error(value["data"])) is not None:
+                    if kind == ERROR and (error := remote_error(value["data"])) is not None:
                         self._fail(error)
                         return
                     event = Event(self._last_id, kind, _text(value["data"]))
-                    if kind == "reset":
+                    if kind == RESET:
                         self._reset(event)
                     yield event
                     continue
@@ -815,7 +821,7 @@ class StreamState:
                 if error is not None:
                     self._fail(error)
                     return
-            yield Event(self._last_id, "message", _text(value))
+            yield Event(self._last_id, MESSAGE, _text(value))
 
     def _sse_values(self, batch: list[Event]) -> Iterator[Any]:
         # orjson unless the read held a run of digits that may be an integer it would round
@@ -823,12 +829,12 @@ class StreamState:
         loads = decode_exact if sse is not None and long_digits(sse.block) else orjson.loads
         for event in batch:
             kind = event.event
-            if kind != "message" and kind in _SSE_SPECIAL:
+            if kind != MESSAGE and kind in RESERVED_EVENTS:
                 self._last_id = event.id
-                if kind == "end":
+                if kind == END:
                     self._end()
                     return
-                if kind == "reset":
+                if kind == RESET:
                     if not self._reset(event):
                         return
                     continue
@@ -871,11 +877,11 @@ class StreamState:
                 yield event  # the caller asked for every event; the stream ends after it
                 self._end()
                 return
-            if kind != "message" and kind in _SSE_SPECIAL:
-                if kind == "end":
+            if kind != MESSAGE and kind in RESERVED_EVENTS:
+                if kind == END:
                     self._end()
                     return
-                if kind == "reset":
+                if kind == RESET:
                     self._reset(event)
                 else:
                     error = _sse_remote_error(event.data)

@@ -62,6 +62,7 @@ from .encoders import Encoder, encoder_for
 from .errors import RemoteError
 from .event import Envelope
 from .formats import NegotiationError, negotiate
+from .wire import JSON, error_json
 
 log = logging.getLogger("stream.server")
 
@@ -834,10 +835,7 @@ class StreamWriter:
 
 def error_response(status: int, code: str, message: str, **headers: str) -> Response:
     """The contract's JSON error: ``{"error": {"code": ..., "message": ...}}``."""
-    import orjson
-
-    body = orjson.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status=status, mimetype="application/json", headers=headers)
+    return Response(error_json(code, message), status=status, mimetype=JSON, headers=headers)
 
 
 def stream_response(

@@ -38,7 +38,7 @@ def make_broker(request: pytest.FixtureRequest) -> Iterator[MakeBroker]:
         if request.param == "memory":
             broker: Any = MemoryBroker(**options)
         else:
-            from stream.redis_broker import RedisBroker
+            from stream.broker.redis import RedisBroker
 
             url = request.getfixturevalue("redis_url")
             broker = RedisBroker(url, prefix=prefix, **options)
@@ -392,7 +392,7 @@ def test_reset_for_an_id_from_before_the_in_process_brokers_start() -> None:
 
 
 def test_redis_replays_an_old_id_without_reset_when_nothing_was_trimmed(redis_url: str) -> None:
-    from stream.redis_broker import RedisBroker
+    from stream.broker.redis import RedisBroker
 
     broker = RedisBroker(redis_url, prefix=f"test:{uuid.uuid4().hex}:")
     try:
@@ -550,7 +550,7 @@ def test_meta_must_be_json(broker: Broker) -> None:
 
 
 def redis_broker(url: str, prefix: str, **options: Any) -> Any:
-    from stream.redis_broker import RedisBroker
+    from stream.broker.redis import RedisBroker
 
     return RedisBroker(url, prefix=prefix, **options)
 

@@ -54,7 +54,7 @@ def broker(make_broker: MakeBroker) -> Broker:
 
 
 def redis_broker(url: str, **options: Any) -> Any:
-    from stream.redis_broker import RedisBroker
+    from stream.broker.redis import RedisBroker
 
     return RedisBroker(url, prefix=f"test:{uuid.uuid4().hex}:", **options)
 
@@ -210,7 +210,7 @@ def test_redis_reader_behind_the_trim_gives_a_reset_not_a_silent_gap(redis_url: 
 
 
 def test_redis_split_publish_reaches_a_live_subscriber_in_one_batch(redis_url: str) -> None:
-    from stream import redis_broker as module
+    from stream.broker import redis as module
 
     broker = redis_broker(redis_url)
     sub = broker.subscribe("k")
@@ -267,7 +267,7 @@ def test_redis_reads_and_trims_entries_of_the_previous_layout(
     ],
 )
 def test_a_publish_is_packed_into_calls_of_bounded_size(count: int, size: int) -> None:
-    from stream import redis_broker as module
+    from stream.broker import redis as module
 
     values = [("message", b"7" * size)] * count
     calls = module._pack(values)
@@ -289,7 +289,7 @@ def test_a_publish_is_packed_into_calls_of_bounded_size(count: int, size: int) -
 def test_a_small_publish_during_a_huge_one_completes_first(
     redis_url: str, admin: redis.Redis
 ) -> None:
-    from stream import redis_broker as module
+    from stream.broker import redis as module
 
     big_broker = redis_broker(redis_url)
     small_broker = redis_broker(redis_url)
@@ -374,7 +374,7 @@ def test_the_largest_id_is_ahead_of_the_log_too(broker: Broker) -> None:
     ],
 )
 def test_redis_errors_that_mean_cannot_serve_now(error: Exception, unavailable: bool) -> None:
-    from stream.redis_broker import _translated
+    from stream.broker.redis import _translated
 
     with pytest.raises(BrokerUnavailable if unavailable else type(error)) as info:
         with _translated():

@@ -145,6 +145,75 @@ def test_exit_code_when_the_connection_fails() -> None:
     code, _, err = finish(cli(url))
     assert code == 8
     assert "connection" in err
+    # One line that says where, not the name of the client's connection class.
+    assert err.count("\n") == 1
+    assert url.removeprefix("http://").rstrip("/") in err
+    assert "_HeadersDeadline" not in err
+
+
+def test_a_connect_timeout_names_host_and_port_not_a_connection_object() -> None:
+    # urllib3 puts its connection object in a connect timeout's args; no loopback address
+    # makes a connect time out, so the error is built as requests raises it.
+    import requests
+    import urllib3.exceptions
+
+    from stream.client import _HeadersDeadline, _translate
+
+    conn = _HeadersDeadline("127.0.0.1", 9)
+    cause = urllib3.exceptions.ConnectTimeoutError(conn, "Connection to 127.0.0.1 timed out.")
+    retry = urllib3.exceptions.MaxRetryError(None, "/events", cause)  # type: ignore[arg-type]
+    error = _translate(requests.ConnectTimeout(retry))
+    assert str(error) == "timed out: 127.0.0.1:9: Connection to 127.0.0.1 timed out."
+
+
+def test_the_script_is_named_as_it_was_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["/home/me/.local/bin/stream"])
+    assert build_parser().prog == "stream"
+    monkeypatch.setattr(sys, "argv", ["/src/stream/__main__.py"])
+    assert build_parser().prog == "python -m stream"
+
+
+def test_without_the_client_extra_one_line_names_it() -> None:
+    # requests made unimportable, as in an install without the client extra
+    code = (
+        "import sys; sys.modules['requests'] = None\n"
+        "from stream.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-c", code, "http://127.0.0.1:1/"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert "pip install 'flask-json-stream[client]'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        pytest.param(["ftp://example.com/f"], "only http:// and https://", id="ftp-url"),
+        pytest.param(["file:///etc/passwd"], "only http:// and https://", id="file-url"),
+        pytest.param(["http:///events"], "no host", id="no-host"),
+        pytest.param(["http://127.0.0.1:99999/"], "not a valid URL", id="bad-port"),
+        pytest.param(["http://x", "--max", "-1"], "--max: expected a whole number", id="max-neg"),
+        pytest.param(["http://x", "--max", "abc"], "--max: expected a whole number", id="max-abc"),
+        pytest.param(["http://x", "--max", "1.5"], "--max: expected a whole number", id="max-1.5"),
+        pytest.param(["http://x", "--timeout", "soon"], "--timeout: expected", id="timeout-abc"),
+        pytest.param(["http://x", "--timeout", "inf"], "--timeout: expected", id="timeout-inf"),
+        pytest.param([], "required: URL", id="no-url"),
+    ],
+)
+def test_a_bad_command_line_is_one_clear_line(argv: list[str], says: str) -> None:
+    code, out, err = finish(cli(*argv))
+    assert (code, out) == (2, b"")
+    assert err.startswith("python -m stream: error: ")
+    assert err.count("\n") == 1, err  # no usage block, no traceback
+    assert says in err
+    for internal in ("Traceback", "_positive", "_seconds", "_http_url", "ValueError"):
+        assert internal not in err
 
 
 def test_ctrl_c_exits_quietly_with_130() -> None:
@@ -176,6 +245,8 @@ def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> No
         pytest.param(["http://x", "--header", "no colon"], id="bad-header"),
         pytest.param(["http://x", "--max", "0"], id="max-zero"),
         pytest.param(["http://x", "--format", "xml"], id="bad-format"),
+        pytest.param(["ftp://x/y"], id="ftp-url"),
+        pytest.param(["http://x", "--max", "nope"], id="max-not-a-number"),
     ],
 )
 def test_bad_command_line_is_exit_2(argv: list[str]) -> None:

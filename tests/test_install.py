@@ -167,11 +167,17 @@ def test_flask_extra_serves_streams_and_names_the_missing_extras(
             return stream_response(iter([{"a": 1}, {"b": 2}]))
 
         body = app.test_client().get("/").get_data().decode()
+        # The brokers' package is in the wheel and needs no extra in process.
+        from stream.broker import create_broker
+        from stream.wire import END
+        broker = create_broker(None)
+        broker.publish("k", [("message", b"1"), (END, b"null")])
+        logged = [entry.event for entry in broker.subscribe("k", from_start=True).get(1.0)]
         errors = {}
         for extra, statement in [
             ("aio", "from stream.aio import AsyncClient"),
             ("client", "from stream import Client"),
-            ("redis", "import stream.redis_broker"),
+            ("redis", "import stream.broker.redis"),
         ]:
             try:
                 exec(statement)
@@ -188,6 +194,7 @@ def test_flask_extra_serves_streams_and_names_the_missing_extras(
             "absent": [m for m in ("requests", "httpx", "gevent", "gunicorn", "prometheus_client")
                        if importlib.util.find_spec(m) is not None],
             "errors": errors,
+            "logged": logged,
         }))
         """,
         tmp_path,
@@ -201,6 +208,7 @@ def test_flask_extra_serves_streams_and_names_the_missing_extras(
     assert got["metrics_installed"] is False
     assert HINT.format("metrics") in got["metrics"]
     assert set(got["errors"]) == {"aio", "client", "redis"}
+    assert got["logged"] == ["message", "end"]
     for extra, message in got["errors"].items():
         assert HINT.format(extra) in message, message
 

@@ -1,6 +1,8 @@
 """The Redis Streams broker: many workers on many machines share one log per key.
 
-The only module that imports ``redis``. Layout of the keys (``prefix`` is ``"stream:"``)::
+The only module that imports ``redis`` (redis-py: the imports here are absolute, so this
+module's own name does not shadow it). The protocol it implements is ``stream.broker.base``.
+Layout of the keys (``prefix`` is ``"stream:"``)::
 
     stream:log:<key>     the log, a Redis stream (entries below)
     stream:meta:<key>    the metadata, a JSON string
@@ -100,16 +102,17 @@ except ModuleNotFoundError as exc:
 
     raise missing("redis", exc) from exc
 
-from stream.broker import (
+from stream.broker.base import (
     BrokerUnavailable,
     LocalSubscription,
     Subscription,
-    _check_limits,
-    _id_key,
+    check_limits,
+    id_key,
     parse_id,
     reset_envelope,
 )
 from stream.event import Envelope
+from stream.wire import MESSAGE
 
 __all__ = ["RedisBroker"]
 
@@ -144,6 +147,8 @@ _ENTRY_BYTES = 64 * 1024
 _CALL_ENTRIES = 256
 _CALL_BYTES = 8 * 2**20
 _MAX_ID = "18446744073709551615-18446744073709551615"
+#: the placeholder type of an entry without ``e`` (its values carry theirs in ``E``)
+_MESSAGE = MESSAGE.encode()
 
 _LUA_COMMON = """
 local function info(key)
@@ -379,7 +384,7 @@ def _unpack(entry_id: str, fields: dict[bytes, bytes]) -> list[Envelope]:
     """The envelopes of one log entry (one value, or many whose ids end at the entry's)."""
     data = fields.get(b"d", b"null")
     raw_events = fields.get(b"E")
-    event = fields.get(b"e", b"message").decode()
+    event = fields.get(b"e", _MESSAGE).decode()
     n = int(fields.get(b"n", b"1"))
     if n == 1:
         if raw_events is not None:
@@ -444,7 +449,7 @@ class RedisBroker:
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
     ) -> None:
-        _check_limits(max_len, max_age, queue_size)
+        check_limits(max_len, max_age, queue_size)
         self.max_len = max_len
         self.max_age = max_age
         self.queue_size = queue_size
@@ -551,7 +556,7 @@ class RedisBroker:
                     self._subs[key] = {}
                 # A replaying subscriber takes every live entry until its history is read: a
                 # resume id ahead of the log must not hide the entries published meanwhile.
-                floor = None if replaying or start is None else _id_key(start.cursor)
+                floor = None if replaying or start is None else id_key(start.cursor)
                 sub = LocalSubscription(key, self.queue_size, self._unsubscribe, floor)
                 self._subs[key][sub] = None
                 break
@@ -569,20 +574,20 @@ class RedisBroker:
             sub.close()
             raise
         replay: list[Envelope] = []
-        top = _id_key(newest) if newest is not None else None
+        top = id_key(newest) if newest is not None else None
         if not replaying:
             floor = top
         else:
-            bound = _id_key(deleted) if deleted is not None else None
+            bound = id_key(deleted) if deleted is not None else None
             if after is not None and (bound is None or after > bound):
                 bound = after
             for entry_id, fields in history:
                 values = _unpack(entry_id, fields)
-                if bound is not None and _id_key(values[0].id) <= bound:
-                    values = [v for v in values if _id_key(v.id) > bound]
+                if bound is not None and id_key(values[0].id) <= bound:
+                    values = [v for v in values if id_key(v.id) > bound]
                 replay += values
             if after is not None:
-                if not exists or (deleted is not None and after < _id_key(deleted)):
+                if not exists or (deleted is not None and after < id_key(deleted)):
                     replay.insert(0, reset_envelope(str(last_id), replay[0].id if replay else None))
                 elif top is not None and after > top:
                     # Ahead of the log: say so, then every new entry, whatever its id.
@@ -717,7 +722,7 @@ class RedisBroker:
                 for segment, gap in segments:
                     if not segment:
                         continue
-                    first, last = _id_key(segment[0].id), _id_key(segment[-1].id)
+                    first, last = id_key(segment[0].id), id_key(segment[-1].id)
                     dropped = [sub for sub in subs if not sub.push(segment, first, last, gap)]
                     for sub in dropped:
                         del subs[sub]

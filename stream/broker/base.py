@@ -1,0 +1,363 @@
+"""What every broker is: an append-only log per key with a live tail, its ids and its errors.
+
+The protocol (``Broker``, ``Subscription``), the errors, the ids, the ``reset`` envelope and the
+bounded per-subscriber queue (``LocalSubscription``) that both implementations fan out to:
+``stream.broker.memory`` (in process) and ``stream.broker.redis`` (Redis Streams) import this
+module, and it imports neither (nor any framework or transport).
+
+Jobs and channels are logs. Publishing appends ``(event type, JSON bytes)`` items and returns
+their ids; subscribing replays what the caller has not seen yet (everything, or everything after
+a ``Last-Event-ID``) and then follows the live tail, with no gap and no duplicate between the
+two. A publish is all or nothing: its entries are appended together or not at all, and every
+live subscriber receives all of them, in one batch, whatever their number (or a ``reset``, on
+Redis, when the per-worker reader fell behind the trim; see ``stream.broker.redis``).
+
+Each subscriber has its own bounded queue: a reader that falls ``queue_size`` entries behind is
+cut off (``SlowConsumer``) instead of slowing the publisher or the other readers. "Behind"
+does not count the largest publish it has pending, so a reader that keeps up accepts a publish
+larger than its queue whole; its memory stays below ``queue_size`` entries plus one publish.
+
+Ids are Redis's own form ``"<ms>-<seq>"`` for both brokers, so they are totally ordered
+(``parse_id`` gives the tuple to compare) and an id survives a switch between brokers.
+
+Retention is bounded (``max_len`` entries and ``max_age`` seconds per key; in process also
+``max_bytes`` across all keys, oldest entries first, whatever their key). A subscriber whose
+``last_id`` lies before what is retained gets, first, a ``reset`` envelope::
+
+    Envelope(id=last_id, event="reset",
+             data=b'{"last_event_id": "<last_id>", "first_retained_id": "<id>" | null}')
+
+and then the retained entries. A ``last_id`` ahead of the log (greater than any id the key
+ever had: an id from a primary that was lost in a failover, or from a clock that went back)
+gets a ``reset`` with ``first_retained_id`` null and then the live tail, every new entry
+included even though its id is smaller than ``last_id``. Nothing of the log is replayed there:
+the caller's position is unknown, so neither a replay nor a silent wait would be right.
+Deliberate choices, so nobody "fixes" them:
+
+- ``from_start`` replays the retained log without a ``reset`` even when its oldest entries were
+  trimmed: the caller asked for "whatever there is", not for a position.
+- The in-process broker answers ``reset`` for any ``last_id`` older than its own start (the
+  entries after it lived in a previous process) and for a key it has no log for (expired, or
+  never published here). Redis knows what it trimmed, so it only resets when something after
+  ``last_id`` was really trimmed, or when the key is gone.
+- Fan-out never blocks a publisher: a subscriber's queue is a deque that the publisher appends
+  to while holding the broker's lock; the reader drains it without that lock (``popleft`` is
+  atomic) and is woken through an ``Event`` only when it is actually waiting.
+
+Threads: everything here uses ``threading`` primitives; under gunicorn's gevent worker they are
+monkey-patched into their cooperative equivalents, so the same code serves greenlets.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Sequence
+from itertools import chain
+from typing import Any, Protocol
+
+import orjson
+
+from stream.event import Envelope
+from stream.wire import RESET, ResetPayload, reset_json
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "IdTuple",
+    "LocalSubscription",
+    "SlowConsumer",
+    "Subscription",
+    "check_limits",
+    "format_id",
+    "id_key",
+    "parse_id",
+    "reset_envelope",
+]
+
+IdTuple = tuple[int, int]
+
+#: Redis stream ids are two unsigned 64-bit integers.
+_MAX_PART = 2**64 - 1
+_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+class BrokerUnavailable(Exception):
+    """The backend (Redis) cannot be reached, or the broker was closed; publishers answer 503."""
+
+
+class SlowConsumer(Exception):
+    """This subscriber's bounded queue overflowed; it was cut off from the live tail."""
+
+
+class Subscription(Protocol):
+    """One subscriber's view of a log: a replay batch, then the live tail."""
+
+    def get(self, timeout: float) -> list[Envelope]:
+        """Every entry queued so far in id order; ``[]`` after ``timeout`` s of nothing.
+
+        The list may be shared with other subscribers of the same publish: read it, do not
+        modify it.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the queue and the fan-out registration (idempotent)."""
+        ...
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether the subscriber fell too far behind and was cut off from the live tail."""
+        ...
+
+
+class Broker(Protocol):
+    """An append-only log per key with retention, a live tail, and small metadata."""
+
+    kind: str
+
+    def publish(self, key: str, items: Sequence[tuple[str, bytes]]) -> list[str]:
+        """Append ``(event type, JSON bytes)`` items atomically and in order; return their ids."""
+        ...
+
+    def subscribe(
+        self, key: str, last_id: str | None = None, *, from_start: bool = False
+    ) -> Subscription:
+        """Follow ``key``: new entries only, the whole log (``from_start``) or after ``last_id``."""
+        ...
+
+    def valid_id(self, value: str) -> bool:
+        """Whether ``value`` has this broker's id syntax."""
+        ...
+
+    def set_meta(self, key: str, meta: dict[str, Any], ttl: float | None = None) -> None:
+        """Store small JSON-able metadata for ``key``; ``ttl`` expires key, meta and log."""
+        ...
+
+    def get_meta(self, key: str) -> dict[str, Any] | None:
+        """The metadata stored for ``key``, or ``None``."""
+        ...
+
+    def expire(self, key: str, ttl: float) -> None:
+        """Make the log and the metadata of ``key`` disappear after ``ttl`` seconds."""
+        ...
+
+    def healthy(self) -> bool:
+        """Whether the backend is reachable and accepts writes (cheap: ``/healthz`` polls it)."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work and end every subscription (their ``get`` raises)."""
+        ...
+
+
+def parse_id(value: str) -> IdTuple | None:
+    """The ``(ms, seq)`` tuple of an id ``"<ms>-<seq>"``, or ``None`` if it is not one."""
+    match = _ID_RE.fullmatch(value)
+    if match is None:
+        return None
+    ms, seq = int(match[1]), int(match[2])
+    if ms > _MAX_PART or seq > _MAX_PART:
+        return None
+    return ms, seq
+
+
+def format_id(value: IdTuple) -> str:
+    """The string form ``"<ms>-<seq>"`` of an id tuple."""
+    return f"{value[0]}-{value[1]}"
+
+
+def id_key(value: str) -> IdTuple:
+    """The tuple of an id a broker produced itself (no validation: the hot path)."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq)
+
+
+def reset_envelope(last_id: str, first_retained_id: str | None) -> Envelope:
+    """The ``reset`` entry that tells a subscriber the entries after ``last_id`` are gone."""
+    return Envelope(last_id, RESET, reset_json(last_id, first_retained_id))
+
+
+class LocalSubscription:
+    """A subscriber's bounded queue in this process (shared by both brokers' fan-out).
+
+    The broker appends live batches with ``push`` while holding its fan-out lock; ``get`` is
+    called by the one greenlet or thread that serves this subscriber. The queue holds whole
+    batches (one per publish), so a publish of any size costs each subscriber one append.
+
+    Overflow counts what the reader fell behind by, not the size of a publish: it is cut off
+    when the entries it has not taken yet, apart from its largest pending batch, exceed
+    ``limit``. A reader that keeps up (an empty queue) therefore accepts any single publish
+    whole, and its memory stays below ``limit`` plus one publish.
+    """
+
+    __slots__ = (
+        "key",
+        "_lock",
+        "_batches",
+        "_pending",
+        "_largest",
+        "_replay",
+        "_event",
+        "_waiting",
+        "_overflowed",
+        "_closed",
+        "_broker_closed",
+        "_limit",
+        "_last",
+        "_on_close",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        limit: int,
+        on_close: Callable[[LocalSubscription], None],
+        last: IdTuple | None = None,
+    ) -> None:
+        self.key = key
+        # Guards the queue between the publisher (or Redis reader) and this subscriber's
+        # reader; never held while taking the broker's lock, so it cannot deadlock with it.
+        self._lock = threading.Lock()
+        self._batches: list[list[Envelope]] = []
+        self._pending = 0
+        self._largest = 0
+        self._replay: list[Envelope] | None = None
+        self._event = threading.Event()
+        self._waiting = False
+        self._overflowed = False
+        self._closed = False
+        self._broker_closed = False
+        self._limit = limit
+        #: newest id queued so far: live entries at or below it are duplicates and dropped
+        self._last = last
+        self._on_close = on_close
+
+    def push(
+        self, batch: list[Envelope], first: IdTuple, last: IdTuple, gap_after: str | None = None
+    ) -> bool:
+        """Queue a live batch in id order (fan-out lock held); ``False`` if this overflowed.
+
+        ``gap_after`` says that entries after that id and before ``first`` were lost before
+        they could be fanned out: a subscriber that has not seen past them gets a ``reset``
+        ahead of the batch instead of a silent gap.
+        """
+        with self._lock:
+            if self._closed or self._overflowed:
+                return not self._overflowed
+            previous = self._last
+            if previous is not None and first <= previous:
+                if last <= previous:
+                    return True
+                batch = [entry for entry in batch if id_key(entry.id) > previous]
+            elif gap_after is not None:
+                mark = format_id(previous) if previous is not None else gap_after
+                batch = [reset_envelope(mark, batch[0].id), *batch]
+            self._last = last
+            self._batches.append(batch)
+            self._pending += len(batch)
+            self._largest = max(self._largest, len(batch))
+            if self._pending - self._largest > self._limit:
+                self._overflowed = True
+                self._batches.clear()
+                self._event.set()
+                return False
+            if self._waiting:
+                self._event.set()
+            return True
+
+    def get(self, timeout: float) -> list[Envelope]:
+        """Every entry queued so far, in id order; ``[]`` after ``timeout`` s of nothing."""
+        with self._lock:
+            idle = not (self._batches or self._replay or self._overflowed or self._closed)
+            if idle:
+                self._event.clear()
+                self._waiting = True
+        if idle:
+            try:
+                self._event.wait(max(timeout, 0.0))
+            finally:
+                self._waiting = False
+        with self._lock:
+            if self._overflowed:
+                self._replay = None
+                raise SlowConsumer(
+                    f"subscriber of {self.key!r} fell more than {self._limit} entries behind"
+                )
+            if self._closed:
+                if self._broker_closed:
+                    raise BrokerUnavailable("the broker was closed")
+                return []
+            batches = self._batches
+            self._batches = []
+            self._pending = self._largest = 0
+            out = self._replay
+            self._replay = None
+        if out is None:
+            if len(batches) == 1:
+                return batches[0]
+            out = []
+        for batch in batches:
+            out += batch
+        return out
+
+    def close(self) -> None:
+        """Leave the fan-out and drop the queue; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._batches = []
+            self._replay = None
+        self._on_close(self)
+        self._event.set()
+
+    def abort(self) -> None:
+        """End this subscription because the broker closed (fan-out lock held)."""
+        with self._lock:
+            self._closed = True
+            self._broker_closed = True
+            self._batches = []
+            self._replay = None
+        self._event.set()
+
+    def start(self, replay: list[Envelope], floor: IdTuple | None) -> None:
+        """Set the replay batch and drop queued live entries at or below ``floor`` (lock held)."""
+        with self._lock:
+            if floor is not None:
+                if self._batches:
+                    kept = [entry for entry in chain(*self._batches) if _after(entry, floor)]
+                    self._batches = [kept] if kept else []
+                    self._pending = self._largest = len(kept)
+                if self._last is None or floor > self._last:
+                    self._last = floor
+            self._replay = replay or None
+            if self._waiting:
+                self._event.set()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called or the broker closed."""
+        return self._closed
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether this subscriber fell too far behind and was cut off from the live tail."""
+        return self._overflowed
+
+
+def _after(entry: Envelope, floor: IdTuple) -> bool:
+    """Whether a queued entry is still news for a subscriber whose history reached ``floor``."""
+    if entry.event == RESET:
+        # A gap reset is about the entries before its first_retained_id: still news unless
+        # the history already reached that far.
+        payload: ResetPayload = orjson.loads(entry.data)
+        first = payload["first_retained_id"]
+        return first is not None and id_key(first) > floor
+    return id_key(entry.id) > floor
+
+
+def check_limits(max_len: int, max_age: float, queue_size: int) -> None:
+    """Refuse limits no broker can honour (``ValueError``), the same way for every broker."""
+    if max_len < 1 or max_age <= 0 or queue_size < 1:
+        raise ValueError("max_len and queue_size must be >= 1 and max_age > 0")
