@@ -42,13 +42,12 @@ from typing import Any, Final
 import orjson
 
 from .errors import DecodeError
-from .lines import DEFAULT_MAX_LINE, check_lines, too_long
+from .lines import DEFAULT_MAX_LINE, check_lines, skip_bom, too_long
 from .ndjson import decode_exact, long_digits
 
 __all__ = ["JSONSeqDecoder"]
 
 _RS: Final = b"\x1e"
-_BOM: Final = b"\xef\xbb\xbf"
 _WHITESPACE: Final = b" \t\r\n"  # JSON's insignificant whitespace (RFC 8259, section 2)
 #: the last byte of a complete JSON text can only be one of these
 _CAN_END: Final = frozenset(b'}]"0123456789el')
@@ -89,13 +88,9 @@ class JSONSeqDecoder:
         this read.
         """
         if self._head is not None:
-            data = self._head + data
-            if len(data) < len(_BOM) and _BOM.startswith(data):
-                self._head = data
+            self._head, data = skip_bom(self._head, data)
+            if self._head is not None:
                 return []
-            self._head = None
-            if data.startswith(_BOM):
-                data = data[len(_BOM) :]
         start = data.find(_RS)
         if start < 0:
             self._append(data)

@@ -20,13 +20,29 @@ from typing import Final
 
 from .errors import LineTooLong
 
-__all__ = ["DEFAULT_MAX_LINE", "LineSplitter"]
+__all__ = ["BOM", "DEFAULT_MAX_LINE", "LineSplitter", "skip_bom"]
 
 #: the largest line (or JSON-seq text) a decoder accepts by default, in bytes
 DEFAULT_MAX_LINE: Final = 16 * 1024 * 1024
 
 #: how much of an over-long line ``LineTooLong.line`` keeps (the whole line may be huge)
 _SHOWN: Final = 80
+
+
+#: UTF-8's byte order mark: skipped once at the start of a body, as UTF-8 decoding does
+BOM: Final = b"\xef\xbb\xbf"
+
+
+def skip_bom(head: bytes, data: bytes) -> tuple[bytes | None, bytes]:
+    """At the start of a body: ``(None, the bytes without a leading BOM)`` once that is known,
+    or ``(the bytes so far, b"")`` while they could still be the start of a split BOM.
+
+    The decoders keep the first item as their ``_head`` (``None``: past the start).
+    """
+    data = head + data
+    if len(data) < len(BOM) and BOM.startswith(data):
+        return data, b""
+    return None, data[len(BOM) :] if data.startswith(BOM) else data
 
 
 def too_long(max_line: int, line_number: int, line: bytes) -> LineTooLong:

@@ -39,12 +39,11 @@ from typing import Any, Final
 import orjson
 
 from .errors import DecodeError, LineTooLong
-from .lines import DEFAULT_MAX_LINE, check_lines, too_long
+from .lines import DEFAULT_MAX_LINE, check_lines, skip_bom, too_long
 
 __all__ = ["NDJSONDecoder", "decode_exact", "loads_exact", "long_digits"]
 
 _WHITESPACE: Final = b" \t\r\n"  # JSON's insignificant whitespace (RFC 8259, section 2)
-_BOM: Final = b"\xef\xbb\xbf"
 _NOT_WHITESPACE: Final = re.compile(rb"[^ \t\r\n]")
 #: bytes.translate table: digits stay "0", every other byte becomes a space
 _DIGITS: Final = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
@@ -108,13 +107,9 @@ class NDJSONDecoder:
         this read; those after it are lost. The decoder itself stays usable.
         """
         if self._head is not None:
-            data = self._head + data
-            if len(data) < len(_BOM) and _BOM.startswith(data):
-                self._head = data
+            self._head, data = skip_bom(self._head, data)
+            if self._head is not None:
                 return []
-            self._head = None
-            if data.startswith(_BOM):
-                data = data[len(_BOM) :]
         lines = data.split(b"\n")
         if len(lines) == 1:
             if data:

@@ -38,15 +38,11 @@ Not in the spec, for the clients:
 
 from __future__ import annotations
 
-from typing import Final
-
 from .errors import DecodeError
 from .event import Event
-from .lines import DEFAULT_MAX_LINE, LineSplitter
+from .lines import DEFAULT_MAX_LINE, LineSplitter, skip_bom
 
 __all__ = ["SSEDecoder"]
-
-_BOM: Final = b"\xef\xbb\xbf"
 
 
 class SSEDecoder:
@@ -83,13 +79,9 @@ class SSEDecoder:
         if self._head is not None:
             # "The stream must then be decoded using the UTF-8 decode algorithm": one leading
             # BOM is stripped, only at the start of the stream (also when split across reads).
-            data = self._head + data
-            if len(data) < len(_BOM) and _BOM.startswith(data):
-                self._head = data
+            self._head, data = skip_bom(self._head, data)
+            if self._head is not None:
                 return []
-            self._head = None
-            if data.startswith(_BOM):
-                data = data[len(_BOM) :]
         block = self._lines.feed_block(data)
         if block is None:
             return []
