@@ -22,7 +22,7 @@ import pytest
 import redis
 import requests
 
-import app as service_app
+import service.jobs
 from app import Jobs, create_app
 from stream.broker import BrokerUnavailable, MemoryBroker
 from stream.event import Envelope
@@ -168,7 +168,7 @@ def test_a_paced_job_renews_its_lease_while_it_sleeps(broker: FaultyBroker) -> N
 @pytest.fixture
 def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Readers look at the job's status after 0.2 s of silence instead of 3 s."""
-    monkeypatch.setattr(service_app, "JOB_CHECK_INTERVAL", 0.2)
+    monkeypatch.setattr(service.jobs, "JOB_CHECK_INTERVAL", 0.2)
 
 
 def lines_of(body: bytes) -> list[Any]:
