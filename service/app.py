@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from flask import Flask, Response, request, send_from_directory
@@ -41,6 +41,9 @@ from stream import metrics
 from stream.broker import BrokerUnavailable, create_broker
 from stream.server import error_response, on_shutdown, open_streams, stream_response
 
+if TYPE_CHECKING:
+    from service.queue import QueuedJobs
+
 log = logging.getLogger("stream.app")
 
 # -- the app --------------------------------------------------------------------------------
@@ -61,12 +64,30 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         queue_size=cfg["STREAM_QUEUE_SIZE"],
         max_bytes=cfg["STREAM_HISTORY_BYTES"],
     )
-    jobs = Jobs(
-        broker,
-        cfg["STREAM_JOB_TTL"],
-        max_running=cfg["STREAM_MAX_JOBS"],
-        broker_timeout=cfg["STREAM_JOB_BROKER_TIMEOUT"],
-    )
+    jobs: Jobs | QueuedJobs
+    if cfg["REDIS_URL"]:
+        # Jobs run in worker processes (service.worker); this process only enqueues them.
+        from service.queue import JobQueue, QueuedJobs
+
+        queue = JobQueue(
+            cfg["REDIS_URL"],
+            name=cfg["STREAM_JOB_QUEUE"],
+            requeue_timeout=cfg["STREAM_JOB_REQUEUE_TIMEOUT"],
+        )
+        jobs = QueuedJobs(
+            broker,
+            queue,
+            cfg["STREAM_JOB_TTL"],
+            max_pending=cfg["STREAM_MAX_JOBS"],
+            broker_timeout=cfg["STREAM_JOB_BROKER_TIMEOUT"],
+        )
+    else:
+        jobs = Jobs(
+            broker,
+            cfg["STREAM_JOB_TTL"],
+            max_running=cfg["STREAM_MAX_JOBS"],
+            broker_timeout=cfg["STREAM_JOB_BROKER_TIMEOUT"],
+        )
     app.extensions["stream.broker"] = broker
     app.extensions["stream.jobs"] = jobs
     on_shutdown(jobs.interrupt_all)

@@ -1,4 +1,53 @@
-"""Jobs."""
+"""Jobs: the expensive requests, run to their end whether or not anyone listens.
+
+Where a job runs:
+
+- Without ``REDIS_URL`` (the embedded default), in the web process: one thread (a greenlet under
+  gevent) per job, ``Jobs.submit``. Its log lives in that process, so a shutdown of the process
+  ends the job with an ``interrupted`` error event: it really cannot go on.
+- With ``REDIS_URL``, on a job queue (Dramatiq, ``service.queue``) in worker processes
+  (``dramatiq service.worker``, the ``Procfile``'s ``worker:`` line). The web processes only
+  enqueue (``QueuedJobs``) and stream the log, which is in Redis: restarting or scaling them never
+  touches a job. A worker that stops (SIGTERM on a deploy) puts its running jobs back on the queue
+  at once; one that dies (a crash, SIGKILL after the platform's grace period) has them put back
+  by the queue after ``STREAM_JOB_REQUEUE_TIMEOUT`` seconds without its heartbeat. Either way
+  another worker takes the job up and it continues where its log ends.
+
+The log is the job's truth: a job taken up again reads its log, and continues after its last
+event. Every event reaches the log once: the runner publishes what the job yields (in batches,
+each all or nothing) and stops only between batches. What a job computed after its last
+published event is computed again after an interruption (at-least-once work, exactly-once
+events).
+
+Writing a job: a function ``(params, ctx)`` that yields JSON values, each published as one event
+(``message``) of the job's log; the job's ``end`` follows when it returns, an ``error`` event when
+it raises (``RemoteError`` keeps its code and message). It learns where its log ends from
+``ctx.last``, the data of the last event already in its log (``None`` on a first run), so each
+event should say where it is, as the demo's ``event_id`` does::
+
+    from service.jobs import register_job
+
+    def squares(params, ctx):
+        start = 0 if ctx.last is None else ctx.last["n"] + 1
+        for n in range(start, params["upto"]):
+            ctx.sleep(1.0)  # not time.sleep: keeps the job's lease, stops at once on shutdown
+            yield {"n": n, "square": n * n}
+
+    register_job("squares", squares)  # in a module both the web and the worker import
+    job_id = app.extensions["stream.jobs"].submit("squares", {"upto": 100})
+
+``params`` must be JSON-able (it travels in the queue's message). A job stops only when it yields
+or calls ``ctx.sleep``: yield (or sleep) at least every ``STREAM_JOB_BROKER_TIMEOUT`` seconds,
+or a stopping worker may be killed before it puts the job back (the queue then takes it up
+after its timeout instead).
+
+Statuses (the job's metadata, ``{"status": ..., "last_id": ...}``): ``queued`` (with Redis,
+until a worker takes it; expires with the job's TTL), ``running`` (on a lease, renewed while it
+runs; with Redis the lease also covers the queue's time to take an interrupted job up again),
+then ``done``, ``failed`` or ``interrupted`` with the job's TTL. A job whose lease ran out (no
+worker could take it up, the broker failed for good) has no status: its readers end with
+``job_lost``.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +55,12 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
-from service.demo import generate_events
+import orjson
+
+from service.demo import demo_job
 from service.edges import BadRequest
 from stream.broker import Broker, BrokerUnavailable, IdTuple, parse_id
 from stream.encoders import dumps_compact
@@ -17,113 +68,246 @@ from stream.errors import RemoteError
 
 log = logging.getLogger("stream.app")
 
-# -- jobs -----------------------------------------------------------------------------------
-
 #: a job's statuses after which nothing more is published
 FINAL_STATUSES = frozenset({"done", "failed", "interrupted"})
 #: seconds of silence after which a job's reader looks at the job's status
 JOB_CHECK_INTERVAL = 3.0
-#: events a job without an interval publishes at once
+#: events a job publishes at once at most
 JOB_BATCH = 1000
+#: seconds a yielded event may wait for its batch to fill (a slow job still streams live)
+JOB_FLUSH_INTERVAL = 0.05
+
+#: what a job is: ``(params, ctx)`` -> the JSON values it publishes
+JobFunction = Callable[[dict[str, Any], "JobContext"], Iterable[Any]]
+#: the jobs a worker can run, by name
+JOB_FUNCTIONS: dict[str, JobFunction] = {}
+
+
+def register_job(name: str, fn: JobFunction) -> JobFunction:
+    """Make ``fn`` a job ``submit(name, params)`` can start (in the web and in the workers)."""
+    JOB_FUNCTIONS[name] = fn
+    return fn
+
+
+register_job("demo", demo_job)
 
 
 class JobStopped(Exception):
-    """The service is shutting down: ``Jobs.interrupt_all`` marks the job."""
+    """The runner is stopping (a shutdown): the job stops between two events."""
+
+
+class JobTaken(Exception):
+    """Another worker holds the job (its lock went elsewhere): this one stops, quietly."""
 
 
 class BrokerGaveUp(Exception):
     """The job's broker kept failing for longer than the job waits for it."""
 
 
+class JobLock(Protocol):
+    """Who runs a job, with Redis: one worker at a time (``service.queue.RedisJobLock``)."""
+
+    def renew(self) -> bool:
+        """Extend the hold; False when another worker holds the job now."""
+        ...
+
+
+class JobContext:
+    """What a job function knows of its run: where its log ends, and a sleep that keeps it."""
+
+    __slots__ = ("_job", "last", "last_id")
+
+    def __init__(self, job: Job, last: Any, last_id: str | None) -> None:
+        self._job = job
+        #: the data of the last event in the job's log (decoded JSON); None on a first run
+        self.last = last
+        #: that event's id
+        self.last_id = last_id
+
+    def sleep(self, seconds: float) -> None:
+        """Publish what was yielded, then wait ``seconds``; raises ``JobStopped`` on shutdown."""
+        self._job.flush()
+        self._job.sleep(seconds)
+
+
 class Job:
-    """One running job: publishes its events, renews its lease, always ends in a final status.
+    """One run of a job: publishes its events, renews its lease, always leaves a final status,
+    an expiring one, or (stopped) one that lasts until another worker takes it up.
 
     While it runs, its status (``{"status": "running", ...}``) and its log expire after
-    ``Jobs.lease`` seconds unless renewed; the job renews them every quarter lease, also while it
-    sleeps between events. A job that stops without an end (its worker killed, its broker failing
-    for good) therefore leaves a status that disappears, never one stuck at "running". At its end
-    the status becomes final (``done``, ``failed``, ``interrupted``) with ``last_id``, the id of
-    the last entry of its log, and expires with the job's TTL.
+    ``Jobs.status_ttl`` seconds unless renewed; the job renews them every quarter lease, also
+    while it sleeps between events. A job that stops without an end (its worker killed, its
+    broker failing for good) therefore leaves a status that disappears unless a worker takes it
+    up again, never one stuck at "running". At its end the status becomes final (``done``,
+    ``failed``, ``interrupted``) with ``last_id``, the id of the last entry of its log, and
+    expires with the job's TTL.
     """
 
-    __slots__ = ("jobs", "id", "key", "count", "last_id", "ended", "_failing_since", "_renew_at")
+    __slots__ = (
+        "runner",
+        "id",
+        "key",
+        "name",
+        "params",
+        "lock",
+        "last_id",
+        "ended",
+        "_failing_since",
+        "_renew_at",
+        "_batch",
+        "_flushed_at",
+    )
 
-    def __init__(self, jobs: Jobs, job_id: str, count: int) -> None:
-        self.jobs = jobs
+    def __init__(
+        self,
+        runner: Jobs,
+        job_id: str,
+        name: str,
+        params: dict[str, Any],
+        lock: JobLock | None = None,
+    ) -> None:
+        self.runner = runner
         self.id = job_id
         self.key = f"job:{job_id}"
-        self.count = count
-        #: id of the last entry this job got into its log
+        self.name = name
+        self.params = params
+        self.lock = lock
+        #: id of the last entry of this job's log
         self.last_id: str | None = None
         #: whether a final status was written (or attempted): nothing may renew "running" then
         self.ended = False
         #: since when every broker call failed (monotonic), None while it works
         self._failing_since: float | None = None
-        self._renew_at = time.monotonic() + jobs.lease / 4
+        self._renew_at = time.monotonic() + runner.lease / 4
+        self._batch: list[tuple[str, bytes]] = []
+        self._flushed_at = time.monotonic()
 
     def meta(self, status: str, **extra: Any) -> dict[str, Any]:
         """The job's status record."""
-        return {"status": status, "count": self.count, "last_id": self.last_id, **extra}
+        return {
+            "status": status,
+            "job": self.name,
+            "count": self.params.get("count"),
+            "last_id": self.last_id,
+            **extra,
+        }
 
-    def run(self, interval: float, size: int) -> None:
-        """Produce the events, then the end; every way out leaves a final or expiring status."""
+    def run(self, *, resume: bool = False) -> bool:
+        """Run the job (``resume``: after what its log holds). False: it stopped on a shutdown
+        and must be taken up again; True: it ended (or another worker holds it)."""
         try:
-            self._produce(interval, size)
+            last = self._resume() if resume else None
+            if self.ended:
+                return True
+            if resume:
+                # Taken up (from the queue, or again): "running" on a fresh lease at once.
+                self._renew_at = 0.0
+                self._renew()
+            self._produce(last)
         except JobStopped:
-            pass  # interrupt_all marked it
+            return False
+        except JobTaken:
+            log.warning("job %s: another worker holds it now; this run stops", self.id)
         except BrokerGaveUp as exc:
             log.error(
                 "job %s gave up: its broker failed for %g s (%s)",
                 self.id,
-                self.jobs.broker_timeout,
+                self.runner.broker_timeout,
                 exc,
             )
             self.fail(
                 "broker_unavailable",
-                f"the job stopped: its broker failed for {self.jobs.broker_timeout:g} s",
+                f"the job stopped: its broker failed for {self.runner.broker_timeout:g} s",
             )
+        except RemoteError as exc:
+            # A job's own error, with a code its readers can act on.
+            log.info("job %s failed: %s", self.id, exc)
+            self.fail(exc.code, exc.message)
         except Exception:
             log.exception("job %s failed", self.id)
             self.fail("internal_error", "the job failed on the server")
         finally:
-            self.jobs.running.pop(self.id, None)
+            self.runner.running.pop(self.id, None)
+        return True
 
-    def _produce(self, interval: float, size: int) -> None:
-        batch: list[tuple[str, bytes]] = []
-        # Without sleeps: the pace is kept here, where the lease can be renewed meanwhile.
-        for i, event in enumerate(generate_events(self.count, 0.0, size)):
-            if i and interval:
-                self._sleep(interval)
-            if self.jobs.stopping:
-                raise JobStopped
-            batch.append(("message", dumps_compact(event)))
-            # Without an interval the job is CPU-bound: publish in batches, not per event.
-            if interval or len(batch) >= JOB_BATCH:
-                self._publish(batch)
-                batch = []
-                if not interval:
-                    # Let the worker's other greenlets (streams, /healthz) run between batches.
-                    time.sleep(0)
-        if batch:
-            self._publish(batch)
+    def _resume(self) -> tuple[Any, str | None] | None:
+        """Read the log: where it ends (data and id of its last event), or None when empty.
+
+        A log that already ends (``end`` or ``error``: the worker died between that entry and
+        the final status) only gets its final status.
+        """
+        broker = self.runner.broker
+        sub = self._call(lambda: broker.subscribe(self.key, from_start=True))
+        try:
+            entries = sub.get(0)
+        finally:
+            sub.close()
+        if not entries:
+            return None
+        last = entries[-1]
+        self.last_id = last.id
+        if last.event in ("end", "error"):
+            self.ended = True
+            if last.event == "end":
+                meta = self.meta("done")
+            else:
+                meta = self.meta("failed", error=orjson.loads(last.data).get("error"))
+            self._call(broker.set_meta, self.key, meta, self.runner.ttl, stop=False)
+            return None
+        return orjson.loads(last.data), last.id
+
+    def _produce(self, last: tuple[Any, str | None] | None) -> None:
+        fn = JOB_FUNCTIONS.get(self.name)
+        if fn is None:
+            raise RemoteError("unknown_job", f"no job is registered as {self.name!r}")
+        ctx = JobContext(self, *(last or (None, None)))
+        for value in fn(self.params, ctx):
+            self._batch.append(("message", dumps_compact(value)))
+            if (
+                len(self._batch) >= JOB_BATCH
+                or time.monotonic() - self._flushed_at >= JOB_FLUSH_INTERVAL
+            ):
+                self.flush()
+                # Let the worker's other greenlets (streams, /healthz) run between batches.
+                time.sleep(0)
+            elif self.runner.stopping:
+                self.flush()
+        self.flush()
         self._publish([("end", b'{"status":"done"}')])
         self.ended = True
         # Even while the service stops: the job is done, its status must say so.
         self._call(
-            self.jobs.broker.set_meta, self.key, self.meta("done"), self.jobs.ttl, stop=False
+            self.runner.broker.set_meta, self.key, self.meta("done"), self.runner.ttl, stop=False
         )
 
-    def _sleep(self, seconds: float) -> None:
+    def flush(self) -> None:
+        """Publish what the job yielded so far; raises ``JobStopped`` once stopping.
+
+        While stopping, what was yielded is still published (the next run continues after it),
+        unless the job was already ended for good (interrupted: nothing may follow its error).
+        """
+        if self.runner.stopping:
+            if self._batch and not self.ended:
+                self._publish(self._batch, stop=False)
+                self._batch = []
+            raise JobStopped
+        if self._batch:
+            self._publish(self._batch)
+            self._batch = []
+        self._flushed_at = time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
         """Wait between events, renewing the lease (intervals may be longer than the lease)."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            if self.jobs.stopping:
+            if self.runner.stopping:
                 raise JobStopped
-            time.sleep(min(left, self.jobs.lease / 4))
+            # Woken at once by a shutdown.
+            self.runner.stopped.wait(min(left, self.runner.lease / 4))
             self._renew()
 
-    def _publish(self, batch: list[tuple[str, bytes]]) -> None:
-        ids: list[str] = self._call(self.jobs.broker.publish, self.key, batch)
+    def _publish(self, batch: list[tuple[str, bytes]], *, stop: bool = True) -> None:
+        ids: list[str] = self._call(self.runner.broker.publish, self.key, batch, stop=stop)
         if self.last_id is None:
             # The log exists only now: put it on the lease too (a log without an expiry would
             # outlive a worker killed before the next renewal).
@@ -133,11 +317,13 @@ class Job:
 
     def _renew(self) -> None:
         now = time.monotonic()
-        if now < self._renew_at or self.ended or self.jobs.stopping:
+        if now < self._renew_at or self.ended or self.runner.stopping:
             return
-        self._renew_at = now + self.jobs.lease / 4
+        self._renew_at = now + self.runner.lease / 4
         try:
-            self.jobs.broker.set_meta(self.key, self.meta("running"), ttl=self.jobs.lease)
+            if self.lock is not None and not self.lock.renew():
+                raise JobTaken
+            self.runner.broker.set_meta(self.key, self.meta("running"), ttl=self.runner.status_ttl)
         except BrokerUnavailable as exc:
             # Tried again at the next renewal; the lease outlasts broker_timeout, so the job
             # gives up (below) before its status can expire under it.
@@ -151,7 +337,7 @@ class Job:
         if self._failing_since is None:
             self._failing_since = now
             log.warning("job %s: broker unavailable (%s); waiting for it", self.id, exc)
-        left = self._failing_since + self.jobs.broker_timeout - now
+        left = self._failing_since + self.runner.broker_timeout - now
         if left <= 0:
             raise BrokerGaveUp(str(exc)) from exc
         return left
@@ -159,11 +345,11 @@ class Job:
     def _call(self, fn: Callable[..., Any], *args: Any, stop: bool = True) -> Any:
         """``fn(*args)``, retried while the broker is unavailable, for at most broker_timeout.
 
-        ``stop``: raise ``JobStopped`` instead of calling once the service is stopping.
+        ``stop``: raise ``JobStopped`` instead of calling once the runner is stopping.
         """
         delay = 0.05
         while True:
-            if stop and self.jobs.stopping:
+            if stop and self.runner.stopping:
                 raise JobStopped
             try:
                 result = fn(*args)
@@ -184,45 +370,60 @@ class Job:
             return
         self.ended = True
         error = {"code": code, "message": message}
-        broker = self.jobs.broker
+        broker = self.runner.broker
         try:
             ids = broker.publish(self.key, [("error", dumps_compact({"error": error}))])
             self.last_id = ids[-1]
         except Exception as exc:  # noqa: BLE001 - best effort, whatever the broker raises
             log.warning("job %s: could not publish its error event (%s)", self.id, exc)
         try:
-            broker.set_meta(self.key, self.meta(status, error=error), ttl=self.jobs.ttl)
+            broker.set_meta(self.key, self.meta(status, error=error), ttl=self.runner.ttl)
         except Exception as exc:  # noqa: BLE001 - best effort, whatever the broker raises
             log.warning("job %s: could not record status %s (%s); it expires", self.id, status, exc)
             try:
                 # Writes may fail where expiries still work (Redis out of memory refuses SET,
                 # not PEXPIRE): make sure the log expires with the running status.
-                broker.expire(self.key, self.jobs.lease)
+                broker.expire(self.key, self.runner.status_ttl)
             except Exception as exc2:  # noqa: BLE001 - the lease set earlier still holds
                 log.warning("job %s: could not set its expiry either (%s)", self.id, exc2)
 
 
 class Jobs:
-    """Runs "expensive requests" in the background, at most ``max_running`` at once.
+    """Runs jobs: in the web process (``submit``, without Redis) or a queue's worker (``run``).
 
     ``broker_timeout``: how long a job waits for a failing broker before it gives up; the lease
-    on a running job's status is twice that, so a job always gives up before its status could
-    expire under it, and a dead job's readers learn it within a lease and a check.
+    on a running job is twice that, so a job always gives up before its status could expire
+    under it, and a dead job's readers learn it within a lease and a check. ``takeover``: how
+    much longer a running job's status lasts without renewal, the time a queue needs to take up
+    a job whose worker died (0 in the web process, where nobody takes it up).
     """
 
     def __init__(
-        self, broker: Broker, ttl: float, *, max_running: int = 64, broker_timeout: float = 20.0
+        self,
+        broker: Broker,
+        ttl: float,
+        *,
+        max_running: int = 64,
+        broker_timeout: float = 20.0,
+        takeover: float = 0.0,
     ) -> None:
         self.broker = broker
         self.ttl = ttl
         self.max_running = max_running
         self.broker_timeout = broker_timeout
         self.lease = 2 * broker_timeout
+        self.status_ttl = self.lease + takeover
         self.running: dict[str, Job] = {}
         self.stopping = False
+        #: set when stopping: wakes the jobs that sleep between events
+        self.stopped = threading.Event()
 
     def start(self, count: int, interval: float, size: int) -> str:
-        """Start a job (a greenlet under gevent); returns its id, or raises a 503."""
+        """Start the demo job; returns its id, or raises a 503."""
+        return self.submit("demo", {"count": count, "interval": interval, "size": size})
+
+    def submit(self, name: str, params: dict[str, Any]) -> str:
+        """Start job ``name`` (a thread, a greenlet under gevent); its id, or raises a 503."""
         if self.stopping:
             raise BadRequest(
                 "the server is shutting down; start the job again shortly",
@@ -237,23 +438,34 @@ class Jobs:
                 status=503,
                 headers={"Retry-After": "5"},
             )
-        job = Job(self, secrets.token_hex(16), count)
+        job = Job(self, secrets.token_hex(16), name, params)
         # The slot is taken before the broker call, which may switch greenlets.
         self.running[job.id] = job
         try:
-            self.broker.set_meta(job.key, job.meta("running"), ttl=self.lease)
+            self.broker.set_meta(job.key, job.meta("running"), ttl=self.status_ttl)
         except BaseException:
             self.running.pop(job.id, None)
             raise
-        thread = threading.Thread(
-            target=job.run, args=(interval, size), daemon=True, name=f"job-{job.id}"
-        )
+        thread = threading.Thread(target=job.run, daemon=True, name=f"job-{job.id}")
         thread.start()
         return job.id
 
-    def interrupt_all(self) -> None:
-        """On shutdown: stop every running job and mark it interrupted in its log."""
+    def run(
+        self, job_id: str, name: str, params: dict[str, Any], lock: JobLock | None = None
+    ) -> bool:
+        """Run a job a queue handed over, after what its log holds (see ``Job.run``)."""
+        job = Job(self, job_id, name, params, lock)
+        self.running[job.id] = job
+        return job.run(resume=True)
+
+    def stop(self) -> None:
+        """Stop every job between two events (a worker's shutdown: they are taken up again)."""
         self.stopping = True
+        self.stopped.set()
+
+    def interrupt_all(self) -> None:
+        """On the web process's shutdown: stop every job and mark it interrupted in its log."""
+        self.stop()
         for job in list(self.running.values()):
             job.fail("interrupted", "the server stopped this job", status="interrupted")
 

@@ -24,7 +24,8 @@ def default_config() -> dict[str, Any]:
         # a request body that has not fully arrived after this many seconds gets 408: a client
         # trickling its body would otherwise hold a connection (and a greenlet) for ever
         "STREAM_BODY_TIMEOUT": _env_float("STREAM_BODY_TIMEOUT", 10.0),
-        # jobs running at once in a worker before POST /jobs gets 503 + Retry-After. A job
+        # jobs running at once in a worker (with REDIS_URL: jobs queued or running in the whole
+        # service) before POST /jobs gets 503 + Retry-After. A job
         # without an interval is CPU-bound and shares the worker's one core with every stream:
         # past a few dozen, more jobs finish no sooner and only add memory (each holds a batch
         # of up to 1,000 events being published); 64 leaves room for paced jobs, which mostly
@@ -33,6 +34,12 @@ def default_config() -> dict[str, Any]:
         # a job whose broker keeps failing gives up after this many seconds (error event,
         # status "failed"); Redis failovers and restarts take less
         "STREAM_JOB_BROKER_TIMEOUT": _env_float("STREAM_JOB_BROKER_TIMEOUT", 20.0),
+        # with REDIS_URL: the queue's name (web and workers of one service share it)
+        "STREAM_JOB_QUEUE": os.environ.get("STREAM_JOB_QUEUE") or "jobs",
+        # with REDIS_URL: seconds without a heartbeat after which a job worker is dead and its
+        # jobs go back on the queue (a crash, SIGKILL); a worker that stops cleanly puts them
+        # back at once. Shorter notices sooner; a live worker must heartbeat within it
+        "STREAM_JOB_REQUEUE_TIMEOUT": _env_float("STREAM_JOB_REQUEUE_TIMEOUT", 30.0),
         # origins (comma-separated, or *) whose pages may read streams and publish; unset: none
         "STREAM_CORS_ORIGINS": os.environ.get("STREAM_CORS_ORIGINS") or None,
         # retention of job and channel logs: entries and seconds
