@@ -200,6 +200,8 @@ class Job:
             if self.ended:
                 return True
             if resume:
+                if last is not None:
+                    log.info("job %s continues after entry %s", self.id, self.last_id)
                 # Taken up (from the queue, or again): "running" on a fresh lease at once.
                 self._renew_at = 0.0
                 self._renew()
@@ -222,9 +224,11 @@ class Job:
         except RemoteError as exc:
             # A job's own error, with a code its readers can act on.
             log.info("job %s failed: %s", self.id, exc)
+            self._publish_yielded()
             self.fail(exc.code, exc.message)
         except Exception:
             log.exception("job %s failed", self.id)
+            self._publish_yielded()
             self.fail("internal_error", "the job failed on the server")
         finally:
             self.runner.running.pop(self.id, None)
@@ -295,6 +299,16 @@ class Job:
             self._publish(self._batch)
             self._batch = []
         self._flushed_at = time.monotonic()
+
+    def _publish_yielded(self) -> None:
+        """Before a failure's error event: what the job yielded until then (best effort)."""
+        if not self._batch or self.ended:
+            return
+        try:
+            self.last_id = self.runner.broker.publish(self.key, self._batch)[-1]
+        except Exception as exc:  # noqa: BLE001 - the error event still follows if it can
+            log.warning("job %s: could not publish its last events (%s)", self.id, exc)
+        self._batch = []
 
     def sleep(self, seconds: float) -> None:
         """Wait between events, renewing the lease (intervals may be longer than the lease)."""

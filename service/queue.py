@@ -254,6 +254,12 @@ class WorkerHooks(Middleware):
         self.current = threading.local()
         self._stop = threading.Event()
 
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # A job holds its thread for minutes: fetch no more than the threads can run, so a
+        # queued job never waits in this worker's buffer while another worker is idle
+        # (Dramatiq prefetches twice its threads by default, for short tasks).
+        worker.queue_prefetch = worker.worker_threads
+
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self.worker = worker
         threading.Thread(target=self._keep, name="stream-job-heartbeat", daemon=True).start()
@@ -326,6 +332,7 @@ def run_queued(
             log.warning("job %s: another worker runs it; this delivery is dropped", job_id)
             return
         runner.stopped.wait(LOCK_POLL)
+    log.info("job %s: running here", job_id)
     try:
         ended = runner.run(job_id, name, params, lock)
     finally:

@@ -8,7 +8,11 @@ settings as the web (``service.settings``) and makes its broker Dramatiq's globa
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import dramatiq
 
@@ -17,6 +21,35 @@ from service.settings import default_config
 from stream.broker import create_broker
 
 log = logging.getLogger("stream.app")
+
+
+def _first_sigterm_only() -> None:
+    """Make a worker process act on its first SIGTERM only.
+
+    Dramatiq's worker process exits at once on a second SIGTERM, and on a platform it gets two:
+    one from the platform (a deploy signals every process of the dyno or container) and one
+    from Dramatiq's main process, which passes the signal on. Exiting there would skip putting
+    the running jobs back on the queue (they would wait for the queue's timeout instead); the
+    platform's SIGKILL after its grace period still stops a process that does not stop.
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler) or not getattr(handler, "__qualname__", "").startswith(
+        "worker_process."
+    ):
+        return  # not in a Dramatiq worker process (an import elsewhere): leave it alone
+    on_term: Callable[[int, FrameType | None], Any] = handler
+    received = False
+
+    def first_only(signum: int, frame: FrameType | None) -> None:
+        nonlocal received
+        if received:
+            log.info("SIGTERM again: still putting the running jobs back on the queue")
+            return
+        received = True
+        on_term(signum, frame)
+
+    signal.signal(signal.SIGTERM, first_only)
+
 
 config = default_config()
 if not config["REDIS_URL"]:
@@ -32,6 +65,7 @@ broker = create_broker(
 )
 queue, runner, hooks = build_worker(config, broker)
 dramatiq.set_broker(queue.broker)
+_first_sigterm_only()
 log.info(
     "job worker on queue %r; a dead worker's jobs are taken up again after %g s",
     queue.name,
