@@ -81,6 +81,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             max_pending=cfg["STREAM_MAX_JOBS"],
             broker_timeout=cfg["STREAM_JOB_BROKER_TIMEOUT"],
         )
+        # Without a worker, jobs wait on the queue: say where they go, once per process.
+        log.info("jobs go to queue %r; `dramatiq service.worker` runs them", queue.name)
     else:
         jobs = Jobs(
             broker,
