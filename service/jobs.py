@@ -42,8 +42,9 @@ or a stopping worker may be killed before it puts the job back (the queue then t
 after its timeout instead).
 
 Statuses (the job's metadata, ``{"status": ..., "last_id": ...}``): ``queued`` (with Redis,
-until a worker takes it; expires with the job's TTL), ``running`` (on a lease, renewed while it
-runs; with Redis the lease also covers the queue's time to take an interrupted job up again),
+until a worker takes it, and again when a stopping worker puts it back; expires with the job's
+TTL), ``running`` (on a lease, renewed while it runs; with Redis the lease also covers the
+queue's time to take up the job of a worker that died),
 then ``done``, ``failed`` or ``interrupted`` with the job's TTL. A job whose lease ran out (no
 worker could take it up, the broker failed for good) has no status: its readers end with
 ``job_lost``.

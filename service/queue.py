@@ -20,16 +20,17 @@ about 30 s):
 1. Dramatiq's main process passes SIGTERM to its worker processes; ``WorkerHooks`` stops the
    runner: every job publishes what it had yielded and stops between two events.
 2. Its message goes back on the queue at once (``requeue``: the worker's own claim on it is
-   dropped, atomically), and its lock is released: a worker of the new release takes it up
-   within a poll (a second) and continues after the last event of the log.
+   dropped, atomically), its status becomes ``queued`` again (with the job's TTL: it waits for
+   a worker however long the deploy takes) and its lock is released: a worker of the new
+   release takes it up within a poll (a second) and continues after the last event of the log.
 3. A worker killed before that (SIGKILL, a crash, a lost machine) sends no more heartbeats: after
    ``STREAM_JOB_REQUEUE_TIMEOUT`` seconds the maintenance that every live worker runs (``maintain``,
    a quarter of that timeout apart) puts its messages back; the job's lock has expired by then
    (its lease is shorter), and the job continues the same way.
 
-Meanwhile the job's status stays ``running``: its lease covers the queue's timeout, so readers
-keep following (and see every event once, in order, then ``end``); only a job nobody took up
-within that time ends its readers with ``job_lost``.
+Meanwhile readers keep following (and see every event once, in order, then ``end``): a job put
+back is ``queued``, and a dead worker's job stays ``running`` on a lease that covers the queue's
+timeout; only a job nobody took up within that time ends its readers with ``job_lost``.
 
 One worker at a time: a message can be delivered twice (a worker that was only slow, not dead,
 whose heartbeat the others missed), so a run first takes the job's lock in Redis (``SET NX`` with
@@ -335,6 +336,14 @@ def run_queued(
     log.info("job %s: running here", job_id)
     try:
         ended = runner.run(job_id, name, params, lock)
+        if not ended:
+            # Back on the queue: it waits for a worker as a new job does (a deploy that
+            # takes long, or no worker for a while, must not lose it), not on a dead run's lease.
+            try:
+                meta = runner.broker.get_meta(key) or {}
+                runner.broker.set_meta(key, {**meta, "status": "queued"}, ttl=runner.ttl)
+            except BrokerUnavailable:
+                pass  # its running lease still covers a prompt takeover
     finally:
         lock.release()
     if not ended:

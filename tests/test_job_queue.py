@@ -294,6 +294,11 @@ def test_a_worker_stopped_mid_job_hands_it_to_the_next_one(
     wait_for(lambda: len(reader.values) >= 5, timeout=20)
     assert old.stop(timeout=25) == 0  # SIGTERM to every process, as a deploy does
     assert f"job {job_id} stopped with its worker; back on the queue" in old.log()
+    # It waits on the queue, as a new job does, however long the next worker takes.
+    meta_key = f"stream:meta:job:{job_id}"
+    r = redis.Redis.from_url(redis_url)
+    assert orjson.loads(r.get(meta_key) or b"null")["status"] == "queued"
+    assert r.pttl(meta_key) > 600_000
     stopped_at = len(reader.values)
     new = start_worker(env)
     assert reader.wait(60) and reader.ids() == list(range(40))
