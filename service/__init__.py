@@ -3,7 +3,9 @@
 It uses the library (``stream/``) the way a user's own app would; nothing in ``stream/`` imports
 it. Modules: ``settings`` (the environment, read once), ``edges`` (errors, authorization, request
 bodies, CORS), ``params`` (query and body values), ``demo`` (the seed's stream), ``jobs`` (the
-expensive requests), ``logs`` (a job's or a channel's log as a stream), ``app`` (the routes).
+expensive requests, and how to write one), ``queue`` (jobs on Dramatiq with ``REDIS_URL``),
+``worker`` (what ``dramatiq service.worker`` runs), ``logs`` (a job's or a channel's log as a
+stream), ``app`` (the routes).
 
 Configuration comes from the environment in ``service.settings`` and nowhere else
 (``gunicorn.conf.py`` reads the server's own settings); ``config`` overrides it, which is how the
@@ -19,9 +21,10 @@ The edges, where a request meets the service before any stream starts:
   reset; past those bounds the connection is closed instead.
 - Publishing and starting jobs need the same authorization (``authorize``): the bearer token
   when ``STREAM_PUBLISH_TOKEN`` is set, else a loopback client that no proxy relayed.
-- Jobs hold a lease on their status (``Jobs``): a job that dies without an end (its worker
-  killed, its broker failing) leaves a status that expires, and its readers end with an error
-  event instead of waiting forever.
+- Jobs hold a lease on their status (``service.jobs``): a job that dies without an end and that
+  no worker takes up again leaves a status that expires, and its readers end with an error
+  event instead of waiting forever. With ``REDIS_URL`` they run in job workers, never in the
+  web processes (``service.queue``).
 - ``STREAM_CORS_ORIGINS`` lets pages of other origins read streams and publish.
 """
 
