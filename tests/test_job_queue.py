@@ -128,6 +128,32 @@ def test_a_user_job_stopped_by_a_shutdown_continues_where_its_log_ends(
     assert log[-1].event == "end" and len(stopped_at) < 200
 
 
+@pytest.mark.timeout(60)
+def test_an_unpaced_job_stopped_mid_batch_publishes_every_event_once() -> None:
+    count = 200_000
+    big = MemoryBroker(max_len=count + 10, queue_size=count + 10)
+    try:
+        job_id = secrets.token_hex(16)
+        key = f"job:{job_id}"
+        big.set_meta(key, {"status": "queued", "last_id": None}, ttl=60)
+        params = {"count": count, "interval": 0, "size": 0}
+        first = Jobs(big, ttl=60, broker_timeout=1, takeover=5)
+        outcome: list[bool] = []
+        thread = threading.Thread(target=lambda: outcome.append(first.run(job_id, DEMO, params)))
+        thread.start()
+        wait_for(lambda: len(read_log(big, key)) >= 1000, timeout=20, interval=0.001)
+        first.stop()
+        thread.join(20)
+        stopped_at = len(read_log(big, key))
+        assert Jobs(big, ttl=60, broker_timeout=1, takeover=5).run(job_id, DEMO, params)
+        log = read_log(big, key)
+        assert event_ids(log) == list(range(count)) and log[-1].event == "end"
+        print(f"stopped after {stopped_at} events: {outcome}")
+        assert outcome == [False] or stopped_at == count + 1  # it may have finished first
+    finally:
+        big.close()
+
+
 def _failing(params: dict[str, Any], ctx: JobContext) -> Iterator[int]:
     yield 1
     yield 2
