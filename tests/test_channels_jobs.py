@@ -23,6 +23,7 @@ from app import create_app
 from stream import Client, Event
 from stream.errors import StreamReset
 from stream.ndjson import NDJSONDecoder
+from tests.job_worker import JobWorker, queue_env
 from tests.redis_server import RedisServer
 from tests.service import Service, wait_for
 
@@ -60,10 +61,12 @@ def memory_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
 
 @pytest.fixture(scope="module")
 def redis_service(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Service]:
-    """The service on the session's Redis, with two workers."""
-    env = {"REDIS_URL": redis_url, "WEB_CONCURRENCY": "2"}
+    """The service on the session's Redis, with two web workers and a job worker."""
+    env = queue_env(redis_url, WEB_CONCURRENCY="2")
     svc = Service(tmp_path_factory.mktemp("redis"), env).start()
+    worker = JobWorker(tmp_path_factory.mktemp("job-worker"), env).start()
     yield svc
+    worker.stop()
     svc.stop()
 
 

@@ -9,9 +9,7 @@ worker killed while another service's reader follows it. Every wait is bounded.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,11 +20,14 @@ import pytest
 import redis
 import requests
 
-import app as service_app
+import service.jobs
 from app import Jobs, create_app
 from stream.broker import BrokerUnavailable, MemoryBroker
 from stream.event import Envelope
+from tests.job_worker import JobWorker, queue_env, start_worker
 from tests.service import Service, wait_for
+
+__all__ = ["start_worker"]  # the fixture
 
 
 class FaultyBroker(MemoryBroker):
@@ -168,7 +169,7 @@ def test_a_paced_job_renews_its_lease_while_it_sleeps(broker: FaultyBroker) -> N
 @pytest.fixture
 def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Readers look at the job's status after 0.2 s of silence instead of 3 s."""
-    monkeypatch.setattr(service_app, "JOB_CHECK_INTERVAL", 0.2)
+    monkeypatch.setattr(service.jobs, "JOB_CHECK_INTERVAL", 0.2)
 
 
 def lines_of(body: bytes) -> list[Any]:
@@ -278,9 +279,13 @@ def assert_not_stuck_running(r: redis.Redis, key: str) -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_redis_out_of_memory_under_a_running_job(
-    start_service: Callable[..., Service], redis_url: str
+    start_service: Callable[..., Service],
+    start_worker: Callable[[dict[str, str]], JobWorker],
+    redis_url: str,
 ) -> None:
-    svc = start_service({"REDIS_URL": redis_url, "STREAM_JOB_BROKER_TIMEOUT": "2"})
+    env = queue_env(redis_url, STREAM_JOB_BROKER_TIMEOUT="2", STREAM_JOB_REQUEUE_TIMEOUT="2")
+    svc = start_service(env)
+    start_worker(env)
     r = redis.Redis.from_url(redis_url)
     job = requests.post(svc.url + "/jobs", json={"count": 1000, "interval": 0.1}, timeout=10)
     assert job.status_code == 202
@@ -312,20 +317,24 @@ def test_redis_out_of_memory_under_a_running_job(
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
-def test_readers_of_a_job_whose_worker_died_end_with_job_lost(
-    start_service: Callable[..., Service], redis_url: str
+def test_readers_of_a_job_no_worker_takes_up_again_end_with_job_lost(
+    start_service: Callable[..., Service],
+    start_worker: Callable[[dict[str, str]], JobWorker],
+    redis_url: str,
 ) -> None:
-    env = {"REDIS_URL": redis_url, "WEB_CONCURRENCY": "1", "STREAM_JOB_BROKER_TIMEOUT": "1"}
-    runner, other = start_service(env), start_service(env)
-    job = requests.post(runner.url + "/jobs", json={"count": 1000, "interval": 0.1}, timeout=10)
+    env = queue_env(redis_url, STREAM_JOB_BROKER_TIMEOUT="1", STREAM_JOB_REQUEUE_TIMEOUT="1")
+    web, other = start_service(env), start_service(env)
+    worker = start_worker(env)
+    job = requests.post(web.url + "/jobs", json={"count": 1000, "interval": 0.1}, timeout=10)
     key = f"job:{job.json()['id']}"
     lines: list[Any] = []
     stop = threading.Event()
     reader = follow_job(other.url + job.json()["events_url"], lines, stop)
     try:
         wait_for(lambda: len(lines) >= 3, timeout=10)
-        (worker,) = runner.worker_pids()
-        os.kill(worker, signal.SIGKILL)  # no shutdown hook, no interruption marked
+        # No shutdown, nothing put back on the queue, and no worker left to take it up: the
+        # status outlives the queue's timeout (readers keep waiting meanwhile), then expires.
+        worker.kill()
         reader.join(60)
         assert not reader.is_alive(), f"the reader still waits: {lines[-2:]}"
         assert lines[-1]["error"]["code"] == "job_lost"

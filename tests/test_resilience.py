@@ -17,7 +17,10 @@ import orjson
 import pytest
 import requests
 
+from tests.job_worker import JobWorker, queue_env, start_worker
 from tests.service import Service, wait_for
+
+__all__ = ["start_worker"]  # the fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -217,31 +220,28 @@ def test_max_lifetime_ends_streams_and_clients_resume(
     assert 0.9 < time.monotonic() - start < 5
 
 
-def test_job_in_flight_is_marked_interrupted_on_shutdown(
-    start_service: Callable[..., Service], redis_url: str
+def test_a_web_shutdown_leaves_a_job_in_flight_running(
+    start_service: Callable[..., Service],
+    start_worker: Callable[[dict[str, str]], JobWorker],
+    redis_url: str,
 ) -> None:
     from stream import Client
-    from stream.errors import RemoteError
 
-    env = {"REDIS_URL": redis_url, "WEB_CONCURRENCY": "1"}
+    env = queue_env(redis_url, WEB_CONCURRENCY="1")
     svc = start_service(env)
-    job = requests.post(svc.url + "/jobs", json={"count": 100, "interval": 0.2}, timeout=5).json()
+    start_worker(env)
+    job = requests.post(svc.url + "/jobs", json={"count": 30, "interval": 0.1}, timeout=5).json()
     with Client(svc.url) as client, client.stream(job["events_url"]) as events:
         assert next(iter(events))["event_id"] == 0
     assert svc.stop(signal.SIGTERM, timeout=15) == 0
-    # Its status says so, with the job's TTL (not the short lease of a running job).
+    # The job runs in the worker: the web's shutdown did not interrupt it.
     import redis
 
     r = redis.Redis.from_url(redis_url)
-    meta_key = f"stream:meta:job:{job['id']}"
-    meta = orjson.loads(r.get(meta_key) or b"null")
-    assert meta["status"] == "interrupted" and meta["error"]["code"] == "interrupted"
-    assert r.pttl(meta_key) > 600_000 and r.pttl(f"stream:log:job:{job['id']}") > 600_000
-    # Another service on the same Redis reads the log: the events, then the interruption.
+    meta = orjson.loads(r.get(f"stream:meta:job:{job['id']}") or b"null")
+    assert meta["status"] in ("running", "done"), meta
+    # Another web service on the same Redis reads all of it, then its end.
     other = start_service(env)
-    seen: list[int] = []
-    with Client(other.url) as client, pytest.raises(RemoteError) as info:
-        for value in client.stream(job["events_url"]):
-            seen.append(value["event_id"])
-    assert info.value.code == "interrupted"
-    assert seen == list(range(len(seen))) and 0 < len(seen) < 100
+    with Client(other.url) as client:
+        seen = [value["event_id"] for value in client.stream(job["events_url"])]
+    assert seen == list(range(30))
