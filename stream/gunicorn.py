@@ -18,6 +18,9 @@ In your own ``gunicorn.conf.py``::
   writing keep-alives themselves (bodies are not HTTP-chunked there);
 - ``worker_exit``: closes the broker a Flask app keeps in ``app.extensions["stream.broker"]``;
 - ``post_fork``: glibc returns large freed blocks (big events) to the system;
+- ``on_starting``: refuses to start with HTTP/2 switched on (``--http-protocols h2``): gunicorn
+  27's gevent worker serves one h2 connection's streams one after another, and a browser puts a
+  page's streams on one connection. HTTP/2 belongs at the edge (``deploy/nginx.conf``);
 - ``on_starting``, ``child_exit``, ``on_exit``: with prometheus-client installed, a temporary
   ``PROMETHEUS_MULTIPROC_DIR`` the workers share, so ``stream.metrics.render()`` describes every
   worker, whichever answers (an existing ``PROMETHEUS_MULTIPROC_DIR`` is used as it is);
@@ -104,9 +107,28 @@ class Worker(Protocol):
     cfg: Any
 
 
+#: why this module refuses HTTP/2 (see refuse_serial_http2)
+HTTP2_REFUSED = (
+    "stream.gunicorn: http_protocols includes h2, but gunicorn's gevent worker serves an HTTP/2 "
+    "connection's streams one after another, and a browser puts every stream of a page on one "
+    "connection: its second stream would never start. Serve HTTP/2 at the edge (nginx, see "
+    "deploy/nginx.conf, or the platform's router) in front of gunicorn's HTTP/1.1, and drop h2 "
+    "from --http-protocols."
+)
+
+
+def refuse_serial_http2(cfg: Any) -> None:
+    """Stop the start when HTTP/2 is switched on: gunicorn 27 serves an h2 connection's requests
+    one after another (``base_async.handle_http2``), so a page's second stream would stall."""
+    if "h2" in (getattr(cfg, "http_protocols", None) or ()):
+        raise SystemExit(HTTP2_REFUSED)
+
+
 def on_starting(server: Server) -> None:
-    """Give the workers a shared directory for their metrics before the first one forks."""
+    """Refuse HTTP/2 (see refuse_serial_http2); give the workers a shared directory for their
+    metrics before the first one forks."""
     global _metrics_dir
+    refuse_serial_http2(server.cfg)
     existing = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
     if existing:
         # prometheus-client writes there but never creates it: a worker would fail to boot.
