@@ -14,8 +14,9 @@ In your own ``gunicorn.conf.py``::
 - ``post_worker_init``: when the worker is told to stop (SIGTERM, SIGHUP, SIGINT, a
   max-requests restart) every open stream ends at once and cleanly: a complete HTTP body (SSE
   first gets a ``retry:`` hint), the generator's ``finally`` runs, and the worker exits without
-  waiting out ``graceful_timeout``. Under ``--protocol uwsgi`` it also stops streams from
-  writing keep-alives themselves (bodies are not HTTP-chunked there);
+  waiting out ``graceful_timeout``. It also tells the streams whether gunicorn frames bodies as
+  HTTP/1.x (its default protocol), the proof an inline stream needs to write keep-alives
+  around it; under ``--protocol uwsgi`` (unframed bodies) every byte goes through gunicorn;
 - ``worker_exit``: closes the broker a Flask app keeps in ``app.extensions["stream.broker"]``;
 - ``post_fork``: glibc returns large freed blocks (big events) to the system;
 - ``on_starting``: refuses to start with HTTP/2 switched on (``--http-protocols h2``): gunicorn
@@ -202,9 +203,10 @@ def post_worker_init(worker: Worker) -> None:
     """
     from .server import inline_keepalives, shutdown_streams
 
-    if getattr(worker.cfg, "protocol", "http") != "http":
-        # uwsgi: bodies are not HTTP-chunked, so streams must not frame keep-alives themselves.
-        inline_keepalives(False)
+    # gunicorn's HTTP protocol frames bodies as HTTP/1.x: proof that inline streams may frame
+    # keep-alives the same way. uwsgi bodies are not HTTP-framed: every byte then goes through
+    # gunicorn's own writes.
+    inline_keepalives(getattr(worker.cfg, "protocol", "http") == "http")
 
     def watch() -> None:
         while worker.alive:

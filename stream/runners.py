@@ -89,8 +89,12 @@ class Registry:
         self.shutting_down = False
         self.retry_base = SHUTDOWN_RETRY_MS
         self.retry_window = SHUTDOWN_RETRY_WINDOW_MS
-        #: whether the server frames bodies as HTTP (gunicorn's ``--protocol uwsgi`` does not)
-        self.http_framing = True
+        #: whether the server is known to frame bodies as HTTP/1.x itself, so that inline
+        #: keep-alives may be framed as it frames them: proven per worker by stream.gunicorn's
+        #: post_worker_init from gunicorn's ``protocol`` setting ("http"; ``--protocol uwsgi``
+        #: bodies are unframed). Off until then: without that proof every byte goes through
+        #: the server's own writes.
+        self.http_framing = False
 
     def shutdown(self, retry_ms: int | None = None, retry_window_ms: int | None = None) -> int:
         """Run the callbacks, then end every open stream cleanly; returns how many there were."""

@@ -66,9 +66,10 @@ def open_streams() -> int:
 
 
 def inline_keepalives(enabled: bool) -> None:
-    """Whether the server frames bodies as HTTP, so inline streams may frame keep-alives as it
-    does. gunicorn's ``--protocol uwsgi`` does not: stream.gunicorn's hook turns this off then,
-    and every stream's keep-alives go through gunicorn's own writes."""
+    """Say whether the server is gunicorn framing bodies as HTTP/1.x itself (its default
+    ``--protocol http``), so inline streams may frame keep-alives as it does. stream.gunicorn's
+    ``post_worker_init`` calls this from gunicorn's own setting; until then (another server,
+    ``--protocol uwsgi``, no hooks) every stream's bytes go through the server's writes."""
     registry.http_framing = enabled
 
 

@@ -294,13 +294,16 @@ def test_inline_framing_follows_gunicorn(
         writer.close()
 
 
-def test_tls_socket_is_never_written_around() -> None:
+def test_tls_socket_is_never_written_around(monkeypatch: pytest.MonkeyPatch) -> None:
     # A TLS session's descriptor carries records: a keep-alive written to it directly would
-    # break the session (curl: "wrong version number"), so TLS streams go through the server.
+    # break the session (curl: "wrong version number"), so TLS streams go through the server,
+    # even under gunicorn's HTTP framing.
     import socket
     import ssl
 
-    from stream.server import detect_transport
+    from stream.server import detect_transport, registry
+
+    monkeypatch.setattr(registry, "http_framing", True)
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     with (
@@ -313,6 +316,8 @@ def test_tls_socket_is_never_written_around() -> None:
     with socket.socket() as plain:
         transport = detect_transport({"gunicorn.socket": plain}, {"Content-Length": "3"})
         assert transport.framing is None and not transport.raw_writes
+        monkeypatch.setattr(registry, "http_framing", False)  # not proven: no hooks, uwsgi
+        assert not detect_transport({"gunicorn.socket": plain}, {}).raw_writes
 
 
 def counting(produced: list[int], finished: threading.Event, size: int) -> Iterator[Any]:

@@ -209,7 +209,11 @@ def make_setup(name: str, tmp: Path, cert: tuple[Path, Path]) -> Setup:
             raise AssertionError(f"gunicorn exited:\n{backend.log()}")
         return bool(setup.get("/healthz")["status"] == "ok")
 
-    wait_for(healthy, timeout=20)
+    try:
+        wait_for(healthy, timeout=20)
+    except BaseException:
+        setup.stop()  # never leave a gunicorn or an nginx behind
+        raise
     return setup
 
 
