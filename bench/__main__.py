@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--only 1,2,3,4,5] [--reps N]``: run, print and save the tables.
 
-Writes bench/RESULTS.md (and every run's figures to bench/RESULTS.json). The full run takes
+A full run writes bench/RESULTS.md (and every run's figures to bench/RESULTS.json); a quick one
+writes /tmp/stream-bench/RESULTS-quick.md unless ``--output`` says otherwise. The full run takes
 about 8-10 minutes on a 2-core machine, ``--quick`` about 2-3.
 """
 
@@ -13,6 +14,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -104,13 +106,26 @@ def _versions() -> list[str]:
     return found
 
 
+#: where ``--quick`` writes by default: outside the repository's committed figures
+QUICK_OUTPUT = Path(tempfile.gettempdir()) / "stream-bench" / "RESULTS-quick.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 2-3 minutes)")
     parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated scenario numbers")
     parser.add_argument("--reps", type=int, default=3, help="runs per figure (>= 3 recommended)")
-    parser.add_argument("--output", default=str(BENCH / "RESULTS.md"))
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="where to write the report (default: bench/RESULTS.md for a full run of every "
+        "scenario, /tmp/stream-bench/RESULTS-quick.md for --quick, which never replaces the "
+        "committed figures)",
+    )
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = str(QUICK_OUTPUT if args.quick else BENCH / "RESULTS.md")
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     _raise_nofile()
     os.chdir(ROOT)
     cfg = scenarios.Config.make(args.quick, args.reps)
@@ -158,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(parts)
     print(text)
-    if set(wanted) == set(SCENARIOS) or args.output != str(BENCH / "RESULTS.md"):
+    committed = args.output == str(BENCH / "RESULTS.md")
+    if committed and args.quick:
+        print(
+            "(a quick run never replaces bench/RESULTS.md: pass another --output)",
+            file=sys.stderr,
+        )
+    elif set(wanted) == set(SCENARIOS) or not committed:
         with open(args.output, "w") as f:
             f.write(text)
         with open(Path(args.output).with_suffix(".json"), "w") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -90,8 +91,10 @@ class Server:
         cwd: Path = ROOT,
         forks_worker: bool = False,
         workers: int = 1,
+        scheme: str = "http",
     ) -> None:
         self.name = name
+        self.scheme = scheme  # "https": the server has a self-signed certificate (bench_cert)
         self._argv = argv
         self.health = health
         # The caller's env may set REDIS_URL; the bench's own environment never leaks in.
@@ -106,7 +109,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Server:
         LOGS.mkdir(exist_ok=True)
@@ -126,7 +129,8 @@ class Server:
             if self.proc.poll() is not None:
                 tail = (LOGS / f"{self.name}.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
-            with urllib.request.urlopen(self.url + self.health, timeout=2) as r:
+            context = ssl._create_unverified_context() if self.scheme == "https" else None
+            with urllib.request.urlopen(self.url + self.health, timeout=2, context=context) as r:
                 return r.status == 200
 
         try:
@@ -173,3 +177,18 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def bench_cert() -> tuple[str, str]:
+    """A self-signed certificate and key for 127.0.0.1 (made once, kept with the logs)."""
+    LOGS.mkdir(exist_ok=True)
+    cert, key = LOGS / "bench-cert.pem", LOGS / "bench-key.pem"
+    if not cert.exists() or not key.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30"]
+            + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    return str(cert), str(key)

@@ -22,7 +22,17 @@ from typing import Any
 import orjson
 
 from bench import servers
-from bench.common import PY, ROOT, Server, cpu_seconds, median, percentile, rss_kib, wait_for
+from bench.common import (
+    PY,
+    ROOT,
+    Server,
+    bench_cert,
+    cpu_seconds,
+    median,
+    percentile,
+    rss_kib,
+    wait_for,
+)
 from bench.peers import SEED_MESSAGES
 from bench.report import Goal, Section, ms, rate, ratio
 
@@ -70,11 +80,12 @@ def sse_bytes(n: int) -> bytes:
 
 
 def curl_rate(url: str, n: int) -> float:
-    """Events/s of ``curl -sN URL > /dev/null``, timed by curl over the whole transfer."""
+    """Events/s of ``curl -sN URL > /dev/null``, timed by curl over the whole transfer (``-k``:
+    the TLS rows' certificate is self-signed)."""
     r = subprocess.run(
         [
             "curl",
-            "-sN",
+            "-sNk",
             "-o",
             "/dev/null",
             "-w",
@@ -152,19 +163,23 @@ def socket_ceiling(payload: bytes, n: int) -> float:
 def throughput(cfg: Config) -> tuple[Section, list[Goal], dict[str, Any]]:
     project, project_kind = servers.project_events()
     seed, naive, fsse = servers.seed(), servers.flask_naive(), servers.fastapi_sse()
+    cert, key = bench_cert()
+    project_tls, seed_tls = servers.project_tls(cert, key), servers.seed_tls(cert, key)
     np_, nq, ns = cfg.n_project, cfg.n_peer, cfg.n_sse_peer
     payload = ndjson_bytes(np_)
     runs: dict[str, list[float]] = {}
     sizes: dict[str, int] = {}
     started: list[Server] = []
     try:
-        for s in (project, seed, naive, fsse):
+        for s in (project, seed, naive, fsse, project_tls, seed_tls):
             started.append(s.start())
         p_nd = f"{project.url}/events?count={np_}&interval=0"
         p_sse = p_nd + "&format=sse"
         seed_q = f"{seed.url}/events?count={nq}&interval=0"
         naive_q = f"{naive.url}/events?count={nq}&interval=0"
         fsse_q = f"{fsse.url}/events?count={ns}&interval=0"
+        tls_p = f"{project_tls.url}/events?count={np_}&interval=0"
+        tls_seed = f"{seed_tls.url}/events?count={nq}&interval=0"
         measures: list[tuple[str, int, Callable[[], float]]] = [
             ("project NDJSON, curl", np_, lambda: curl_rate(p_nd, np_)),
             ("project SSE, curl", np_, lambda: curl_rate(p_sse, np_)),
@@ -196,6 +211,12 @@ def throughput(cfg: Config) -> tuple[Section, list[Goal], dict[str, Any]]:
                 ns,
                 lambda: client_rate("httpx-sse", fsse_q, ns),
             ),
+            (
+                "project NDJSON over TLS (gunicorn --certfile), curl",
+                np_,
+                lambda: curl_rate(tls_p, np_),
+            ),
+            ("seed over TLS (uvicorn --ssl-certfile), curl", nq, lambda: curl_rate(tls_seed, nq)),
             ("ceiling: orjson encoding alone (in-process)", np_, lambda: orjson_ceiling(np_)),
             (
                 "ceiling: raw bytes through a loopback socket",
@@ -205,7 +226,7 @@ def throughput(cfg: Config) -> tuple[Section, list[Goal], dict[str, Any]]:
         ]
         sizes = {name: n for name, n, _ in measures}
         # warm every server up once (imports, first-request paths) before anything is timed
-        for s in (project, seed, naive, fsse):
+        for s in (project, seed, naive, fsse, project_tls, seed_tls):
             curl_rate(f"{s.url}/events?count=2000&interval=0", 0)
         for rep in range(cfg.reps):
             for name, _, measure in measures:
@@ -228,6 +249,10 @@ def throughput(cfg: Config) -> tuple[Section, list[Goal], dict[str, Any]]:
         "project SSE, stream.client.Client", "FastAPI EventSourceResponse, httpx-sse + json.loads"
     )
     r_naive = per_run("project NDJSON, curl", "naive Flask generator, curl")
+    r_tls = per_run(
+        "project NDJSON over TLS (gunicorn --certfile), curl",
+        "seed over TLS (uvicorn --ssl-certfile), curl",
+    )
     section = Section(
         "1. One stream's throughput (events/s)",
         ["server, reader", "events per stream", "events/s (median)", "runs"],
@@ -238,6 +263,9 @@ def throughput(cfg: Config) -> tuple[Section, list[Goal], dict[str, Any]]:
             f"Stream sizes: this project {np_:,} events; the seed and the naive Flask peer "
             f"{nq:,}; FastAPI's SSE {ns:,} (it runs at about 10k events/s here, so 1M events would "
             "take minutes per run). Rates are steady-state, so the sizes do not bias them much.",
+            "TLS rows: each server terminates TLS itself with the same self-signed certificate "
+            "(gunicorn `--certfile/--keyfile`, uvicorn `--ssl-certfile/--ssl-keyfile`); under "
+            "TLS this project's writer sends every byte through gunicorn's own write path.",
             "FastAPI SSE peer: the installed FastAPI has `fastapi.sse.EventSourceResponse` "
             "(so sse-starlette is not measured).",
         ],
@@ -256,6 +284,7 @@ def throughput(cfg: Config) -> tuple[Section, list[Goal], dict[str, Any]]:
         ["ratio project SSE Client / FastAPI SSE httpx-sse", "", ratio(r_sse_client), ""]
     )
     section.rows.append(["ratio project curl / naive Flask curl", "", ratio(r_naive), ""])
+    section.rows.append(["ratio project TLS curl / seed TLS curl", "", ratio(r_tls), ""])
     goals = [
         Goal(
             "throughput: stream.Client / seed via its own client",

@@ -102,6 +102,32 @@ def redis_server() -> Iterator[str]:
                 proc.wait(5)
 
 
+def project_tls(cert: str, key: str) -> Server:
+    """This project serving HTTPS itself: ``gunicorn wsgi:app --certfile --keyfile``."""
+    return Server(
+        "project-tls",
+        lambda p: (
+            [PY, "-m", "gunicorn", "wsgi:app", "--bind", f"127.0.0.1:{p}"]
+            + ["--certfile", cert, "--keyfile", key]
+        ),
+        env={"STREAM_HEARTBEAT": "15", "WEB_CONCURRENCY": "1"},
+        forks_worker=True,
+        scheme="https",
+    )
+
+
+def seed_tls(cert: str, key: str) -> Server:
+    """The seed (FastAPI StreamingResponse on uvicorn) serving HTTPS itself."""
+    return Server(
+        "seed-tls",
+        lambda p: (
+            [PY, "-m", "uvicorn", "bench.peers.seed:app", *UVICORN, "--port", str(p)]
+            + ["--ssl-certfile", cert, "--ssl-keyfile", key]
+        ),
+        scheme="https",
+    )
+
+
 def project_bench() -> Server:
     """``stream.server.stream_response`` in a bench-only app, under the repo's gunicorn.conf.py."""
     return Server(

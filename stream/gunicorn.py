@@ -14,10 +14,14 @@ In your own ``gunicorn.conf.py``::
 - ``post_worker_init``: when the worker is told to stop (SIGTERM, SIGHUP, SIGINT, a
   max-requests restart) every open stream ends at once and cleanly: a complete HTTP body (SSE
   first gets a ``retry:`` hint), the generator's ``finally`` runs, and the worker exits without
-  waiting out ``graceful_timeout``. Under ``--protocol uwsgi`` it also stops streams from
-  writing keep-alives themselves (bodies are not HTTP-chunked there);
+  waiting out ``graceful_timeout``. It also tells the streams whether gunicorn frames bodies as
+  HTTP/1.x (its default protocol), the proof an inline stream needs to write keep-alives
+  around it; under ``--protocol uwsgi`` (unframed bodies) every byte goes through gunicorn;
 - ``worker_exit``: closes the broker a Flask app keeps in ``app.extensions["stream.broker"]``;
 - ``post_fork``: glibc returns large freed blocks (big events) to the system;
+- ``on_starting``: refuses to start with HTTP/2 switched on (``--http-protocols h2``): gunicorn
+  27's gevent worker serves one h2 connection's streams one after another, and a browser puts a
+  page's streams on one connection. HTTP/2 belongs at the edge (``deploy/nginx.conf``);
 - ``on_starting``, ``child_exit``, ``on_exit``: with prometheus-client installed, a temporary
   ``PROMETHEUS_MULTIPROC_DIR`` the workers share, so ``stream.metrics.render()`` describes every
   worker, whichever answers (an existing ``PROMETHEUS_MULTIPROC_DIR`` is used as it is);
@@ -104,9 +108,28 @@ class Worker(Protocol):
     cfg: Any
 
 
+#: why this module refuses HTTP/2 (see refuse_serial_http2)
+HTTP2_REFUSED = (
+    "stream.gunicorn: http_protocols includes h2, but gunicorn's gevent worker serves an HTTP/2 "
+    "connection's streams one after another, and a browser puts every stream of a page on one "
+    "connection: its second stream would never start. Serve HTTP/2 at the edge (nginx, see "
+    "deploy/nginx.conf, or the platform's router) in front of gunicorn's HTTP/1.1, and drop h2 "
+    "from --http-protocols."
+)
+
+
+def refuse_serial_http2(cfg: Any) -> None:
+    """Stop the start when HTTP/2 is switched on: gunicorn 27 serves an h2 connection's requests
+    one after another (``base_async.handle_http2``), so a page's second stream would stall."""
+    if "h2" in (getattr(cfg, "http_protocols", None) or ()):
+        raise SystemExit(HTTP2_REFUSED)
+
+
 def on_starting(server: Server) -> None:
-    """Give the workers a shared directory for their metrics before the first one forks."""
+    """Refuse HTTP/2 (see refuse_serial_http2); give the workers a shared directory for their
+    metrics before the first one forks."""
     global _metrics_dir
+    refuse_serial_http2(server.cfg)
     existing = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
     if existing:
         # prometheus-client writes there but never creates it: a worker would fail to boot.
@@ -180,9 +203,10 @@ def post_worker_init(worker: Worker) -> None:
     """
     from .server import inline_keepalives, shutdown_streams
 
-    if getattr(worker.cfg, "protocol", "http") != "http":
-        # uwsgi: bodies are not HTTP-chunked, so streams must not frame keep-alives themselves.
-        inline_keepalives(False)
+    # gunicorn's HTTP protocol frames bodies as HTTP/1.x: proof that inline streams may frame
+    # keep-alives the same way. uwsgi bodies are not HTTP-framed: every byte then goes through
+    # gunicorn's own writes.
+    inline_keepalives(getattr(worker.cfg, "protocol", "http") == "http")
 
     def watch() -> None:
         while worker.alive:

@@ -226,24 +226,28 @@ def test_keepalive_cut_short_by_the_socket_is_finished_first(
     # must be completed before anything else, or the chunked framing would break.
     import socket
 
-    import stream.server as server
+    import stream.runners as runners
+    from stream.pacing import Transport
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.setblocking(False)
-        writer = StreamWriter(iter([]), encoder_for(SSE), heartbeat=15, sock=ours, chunked=True)
-        real_write = server.os.write
-        monkeypatch.setattr(server.os, "write", lambda fd, data: real_write(fd, data[:3]))
-        writer._write_keepalive()  # 3 of b"2\r\n:\n\r\n"
+        transport = Transport(framing="chunked", has_socket=True)
+        writer = runners.GeventWriter(
+            iter([]), encoder_for(SSE), heartbeat=15, sock=ours, transport=transport
+        )
+        real_write = runners.os.write
+        monkeypatch.setattr(runners.os, "write", lambda fd, data: real_write(fd, data[:3]))
+        writer._write_keepalive(b":\n")  # 3 of b"2\r\n:\n\r\n"
 
         def full(fd: int, data: bytes) -> int:
             raise BlockingIOError
 
-        monkeypatch.setattr(server.os, "write", full)
-        writer._write_keepalive()  # nothing written: still owes the same 4 bytes
-        monkeypatch.setattr(server.os, "write", real_write)
-        writer._write_keepalive()  # the rest of the first frame, then a whole second one
-        writer._write_keepalive()
+        monkeypatch.setattr(runners.os, "write", full)
+        writer._write_keepalive(b":\n")  # nothing written: still owes the same 4 bytes
+        monkeypatch.setattr(runners.os, "write", real_write)
+        writer._write_keepalive(b":\n")  # the rest of the first frame, then a whole second one
+        writer._write_keepalive(b":\n")
         writer.close()
         theirs.settimeout(5)
         received = b""
@@ -253,23 +257,30 @@ def test_keepalive_cut_short_by_the_socket_is_finished_first(
 
 
 @pytest.mark.parametrize(
-    ("environ", "http_framing", "chunked"),
+    ("environ", "http_framing", "framing", "raw"),
     [
-        pytest.param({"SERVER_PROTOCOL": "HTTP/1.1"}, True, True, id="http11-chunked"),
-        pytest.param({"SERVER_PROTOCOL": "HTTP/1.0"}, True, False, id="http10-raw"),
-        pytest.param({"SERVER_PROTOCOL": "HTTP/1.1"}, False, None, id="uwsgi-no-inline"),
+        pytest.param({"SERVER_PROTOCOL": "HTTP/1.1"}, True, "chunked", True, id="http11-chunked"),
+        pytest.param({"SERVER_PROTOCOL": "HTTP/1.0"}, True, "close", True, id="http10-raw"),
+        pytest.param({"SERVER_PROTOCOL": "HTTP/1.1"}, False, None, False, id="uwsgi-no-inline"),
+        pytest.param(
+            {"SERVER_PROTOCOL": "HTTP/2", "HTTP_VERSION": "2"}, True, None, False, id="h2"
+        ),
     ],
 )
 def test_inline_framing_follows_gunicorn(
-    monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], http_framing: bool, chunked: bool
+    monkeypatch: pytest.MonkeyPatch,
+    environ: dict[str, str],
+    http_framing: bool,
+    framing: str | None,
+    raw: bool,
 ) -> None:
     # Inline keep-alives are framed as gunicorn frames the body, and not written at all when
-    # gunicorn does not speak HTTP (its uwsgi protocol).
+    # gunicorn does not speak HTTP/1.x itself (its uwsgi protocol, HTTP/2).
     import socket
 
     import stream.server as server
 
-    monkeypatch.setattr(server, "_http_framing", True)  # restored after the test
+    monkeypatch.setattr(server.registry, "http_framing", True)  # restored after the test
     server.inline_keepalives(http_framing)
     app = make_app(lambda: iter([1]))
     with (
@@ -278,8 +289,35 @@ def test_inline_framing_follows_gunicorn(
     ):
         writer = stream_response(iter([1])).response
         assert isinstance(writer, StreamWriter)
-        assert writer._chunked is chunked
+        assert writer._transport.framing == framing
+        assert writer._transport.raw_writes is raw
         writer.close()
+
+
+def test_tls_socket_is_never_written_around(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A TLS session's descriptor carries records: a keep-alive written to it directly would
+    # break the session (curl: "wrong version number"), so TLS streams go through the server,
+    # even under gunicorn's HTTP framing.
+    import socket
+    import ssl
+
+    from stream.server import detect_transport, registry
+
+    monkeypatch.setattr(registry, "http_framing", True)
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with (
+        socket.socket() as raw,
+        context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False) as tls,
+    ):
+        transport = detect_transport({"gunicorn.socket": tls, "SERVER_PROTOCOL": "HTTP/1.1"}, {})
+        assert transport.tls and transport.framing == "chunked"
+        assert not transport.raw_writes and transport.watch_peer
+    with socket.socket() as plain:
+        transport = detect_transport({"gunicorn.socket": plain}, {"Content-Length": "3"})
+        assert transport.framing is None and not transport.raw_writes
+        monkeypatch.setattr(registry, "http_framing", False)  # not proven: no hooks, uwsgi
+        assert not detect_transport({"gunicorn.socket": plain}, {}).raw_writes
 
 
 def counting(produced: list[int], finished: threading.Event, size: int) -> Iterator[Any]:
@@ -329,9 +367,10 @@ def test_shutdown_spreads_retry_hints_over_the_window(monkeypatch: pytest.Monkey
     # so its clients do not all come back in the same second.
     import stream.server as server
 
-    for name in ("_shutting_down", "_retry_base", "_retry_window"):
-        monkeypatch.setattr(server, name, getattr(server, name))  # restored after the test
-    monkeypatch.setattr(server, "_open_streams", set())
+    for name in ("shutting_down", "retry_base", "retry_window"):
+        # restored after the test
+        monkeypatch.setattr(server.registry, name, getattr(server.registry, name))
+    monkeypatch.setattr(server.registry, "open", set())
     release = threading.Event()
 
     def gen() -> Iterator[Any]:

@@ -126,7 +126,9 @@ def hooks(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("protocol", "inline"), [("http", []), ("uwsgi", [("inline", False)])])
+@pytest.mark.parametrize(
+    ("protocol", "inline"), [("http", [("inline", True)]), ("uwsgi", [("inline", False)])]
+)
 def test_post_worker_init_ends_the_streams_when_the_worker_stops(
     hooks: ModuleType, protocol: str, inline: list[object]
 ) -> None:

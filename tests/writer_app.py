@@ -8,6 +8,7 @@ generator that blocks until the client leaves.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,8 @@ from flask import Flask, Response, request
 from stream.server import open_streams, stream_response
 
 app = Flask(__name__)
-app.config["STREAM_HEARTBEAT"] = 1.0
+# 1 s unless the test sets STREAM_HEARTBEAT (the transport matrix runs shorter).
+app.config["STREAM_HEARTBEAT"] = float(os.environ.get("STREAM_HEARTBEAT") or 1.0)
 
 #: how many generators ran their ``finally``, by name
 finished: dict[str, int] = {}
@@ -97,3 +99,16 @@ def escape() -> Response:
             time.sleep(1)  # the Timeout is raised here, in the generator, and not caught
 
     return stream_response(gen(), name="escape")
+
+
+@app.get("/fails")
+def fails() -> Response:
+    """Two events, then the generator raises: the stream ends with the contract's error event."""
+
+    def gen() -> Iterator[dict[str, Any]]:
+        yield {"seq": 0}
+        time.sleep(0.05)
+        yield {"seq": 1}
+        raise RuntimeError("secret detail that must not reach the client")
+
+    return stream_response(gen(), name="fails")
