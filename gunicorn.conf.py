@@ -3,8 +3,8 @@
 The clean shutdown, the memory settings and the metrics shared by the workers come from
 ``stream.gunicorn``, as they would in any app's config; what is here is the service's own. Every
 value is read and checked once, here: a bad one stops the start with one line naming the
-variable. Imports only the standard library and ``stream.gunicorn`` (standard library and
-orjson): the app, gevent's patching and redis-py belong to the workers, never to the master.
+variable. Imports only the standard library, ``stream.gunicorn`` (standard library and
+orjson) and ``service.settings`` (standard library): the app, gevent's patching and redis-py belong to the workers, never to the master.
 """
 
 import os
@@ -13,6 +13,7 @@ import ssl
 import sys
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from service import settings as service_settings
 from stream import gunicorn as stream_gunicorn
 from stream.gunicorn import *  # noqa: F403 - worker_class and the hooks chained below
 
@@ -51,6 +52,14 @@ def _redis_url():
 
 
 _redis = _redis_url()
+
+# The service's own settings (STREAM_*), checked here once, before any worker starts, so a bad
+# one is one line naming it rather than a worker that fails to boot. service.settings imports
+# only the standard library.
+try:
+    service_settings.default_config()
+except service_settings.SettingError as exc:
+    sys.exit(f"gunicorn.conf.py: {exc}")
 
 # Heroku-style platforms give the port in $PORT; 8000 on a laptop.
 bind = f"0.0.0.0:{_int('PORT', 8000, 1, 65535, 'a TCP port number')}"

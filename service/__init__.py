@@ -30,6 +30,19 @@ The edges, where a request meets the service before any stream starts:
 
 from __future__ import annotations
 
-from service.app import create_app
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.app import create_app
 
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``import service.settings`` (gunicorn.conf.py, in the master) must not import Flask, the
+    # library's server side or gevent: the app is built in the workers.
+    if name == "create_app":
+        from service.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'service' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from typing import Any
 import dramatiq
 
 from service.queue import build_worker
-from service.settings import default_config
+from service.settings import SettingError, default_config
 from stream.broker import create_broker
 
 log = logging.getLogger("stream.app")
@@ -51,7 +51,10 @@ def _first_sigterm_only() -> None:
     signal.signal(signal.SIGTERM, first_only)
 
 
-config = default_config()
+try:
+    config = default_config()
+except SettingError as exc:
+    sys.exit(f"service.worker: {exc}")
 if not config["REDIS_URL"]:
     # Without Redis, jobs run in the web process: there is nothing for a worker to do.
     sys.exit("service.worker: REDIS_URL is not set (without it, jobs run in the web process)")

@@ -80,6 +80,13 @@ def test_without_redis_ttin_adds_no_worker(start_service: Callable[..., Service]
         ("LOG_LEVEL", "loud"),
         ("REDIS_URL", "http://127.0.0.1:6379"),
         ("REDIS_URL", "redis://127.0.0.1:port"),
+        ("STREAM_HEARTBEAT", "abc"),
+        ("STREAM_HEARTBEAT", "0"),
+        ("STREAM_MAX_BODY", "-1"),
+        ("STREAM_HISTORY_AGE", "nan"),
+        ("STREAM_QUEUE_SIZE", "1.5"),
+        ("STREAM_MAX_LIFETIME", "-2"),
+        ("STREAM_SHUTDOWN_RETRY", "soon"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(name: str, value: str) -> None:
