@@ -4,7 +4,8 @@ The clean shutdown, the memory settings and the metrics shared by the workers co
 ``stream.gunicorn``, as they would in any app's config; what is here is the service's own. Every
 value is read and checked once, here: a bad one stops the start with one line naming the
 variable. Imports only the standard library, ``stream.gunicorn`` (standard library and
-orjson) and ``service.settings`` (standard library): the app, gevent's patching and redis-py belong to the workers, never to the master.
+orjson) and ``service.settings`` (standard library): the app, gevent's patching and redis-py
+belong to the workers, never to the master.
 """
 
 import os
