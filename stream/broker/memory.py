@@ -7,6 +7,7 @@ worker, a script, the tests); for several workers or machines, ``stream.broker.r
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 
 from stream.broker.base import (
+    FANOUT_SLICE,
     BrokerUnavailable,
     IdTuple,
     LocalSubscription,
@@ -24,7 +26,7 @@ from stream.broker.base import (
     parse_id,
     reset_envelope,
 )
-from stream.event import Envelope
+from stream.event import Envelope, SharedEnvelope
 
 __all__ = ["DEFAULT_MAX_BYTES", "MemoryBroker"]
 
@@ -110,6 +112,13 @@ class MemoryBroker:
         self._newest: IdTuple = (now_ms, -1)
         self._next_sweep = time.monotonic() + _SWEEP_INTERVAL
         self._closed = False
+        #: publishes appended but not fanned out yet, oldest first (guarded by ``_lock``)
+        self._fanout: deque[tuple[_Log, list[Envelope], IdTuple, IdTuple]] = deque()
+        self._fanout_wake = threading.Event()
+        #: set while nothing is queued or being fanned out (``subscriber_count`` waits for it)
+        self._fanned = threading.Event()
+        self._fanned.set()
+        self._fanout_pid = 0
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -144,11 +153,59 @@ class MemoryBroker:
             self._trim(log, now)
             self._evict()
             if log.subscribers:
-                dropped = [sub for sub in log.subscribers if not sub.push(batch, first, last)]
-                for sub in dropped:
-                    del log.subscribers[sub]
+                # Answered once it is in the log: the fan-out runs in its own thread (greenlet),
+                # so a publish costs the same for 10 subscribers as for 10,000.
+                self._fanout.append((log, batch, first, last))
+                self._fanned.clear()
+                self._start_fanout()
+                self._fanout_wake.set()
             self._maybe_sweep(now)
         return [entry.id for entry in batch]
+
+    def _start_fanout(self) -> None:
+        """Start the fan-out thread on the first publish in this process (lock held)."""
+        if self._fanout_pid != os.getpid():  # a forked child gets its own
+            self._fanout_pid = os.getpid()
+            threading.Thread(target=self._run_fanout, name="stream-fanout", daemon=True).start()
+
+    def _run_fanout(self) -> None:
+        """Push every queued publish to the subscribers it had, in publish order.
+
+        The subscribers are read under the lock and pushed to outside it, ``FANOUT_SLICE`` at
+        a time with a yield in between: publishers, subscribes and the streams already woken
+        run meanwhile. A subscriber that registers after the snapshot has a floor at the
+        log's newest id (``subscribe``), so it neither misses nor repeats this publish.
+        """
+        while True:
+            self._fanout_wake.wait()
+            with self._lock:
+                self._fanout_wake.clear()
+                if self._closed:
+                    self._fanout.clear()
+                    self._fanned.set()
+                    return
+                work = [
+                    (log, list(log.subscribers), batch, first, last)
+                    for log, batch, first, last in self._fanout
+                ]
+                self._fanout.clear()
+            for log, subs, batch, first, last in work:
+                # One list of encode-once envelopes for all of them (the log keeps its own).
+                live: list[Envelope] = [SharedEnvelope(*entry) for entry in batch]
+                dropped = []
+                for start in range(0, len(subs), FANOUT_SLICE):
+                    if start:
+                        time.sleep(0)
+                    for sub in subs[start : start + FANOUT_SLICE]:
+                        if not sub.push(live, first, last):
+                            dropped.append(sub)
+                if dropped:
+                    with self._lock:
+                        for sub in dropped:
+                            log.subscribers.pop(sub, None)
+            with self._lock:
+                if not self._fanout:
+                    self._fanned.set()
 
     def _trim(self, log: _Log, now: float) -> None:
         entries = log.entries
@@ -258,7 +315,9 @@ class MemoryBroker:
                 replay.extend(tail)
             elif from_start:
                 replay.extend(entry for _, entry in entries)
-            sub = LocalSubscription(key, self.queue_size, self._unsubscribe)
+            # Publishes up to the log's newest id are in the replay (or before the position
+            # asked for): one still queued for the fan-out must not reach this subscriber too.
+            sub = LocalSubscription(key, self.queue_size, self._unsubscribe, log.last)
             sub.start(replay, None)
             log.subscribers[sub] = None
             self._maybe_sweep(now)
@@ -273,7 +332,9 @@ class MemoryBroker:
                     del self._logs[sub.key]
 
     def subscriber_count(self, key: str | None = None) -> int:
-        """How many subscriptions follow ``key`` (all keys when ``None``) right now."""
+        """How many subscriptions follow ``key`` (all keys when ``None``), once every publish
+        made so far was fanned out (those a publish cut off are no longer counted)."""
+        self._fanned.wait(5.0)
         with self._lock:
             if key is None:
                 return sum(len(log.subscribers) for log in self._logs.values())
@@ -325,6 +386,7 @@ class MemoryBroker:
         """End every subscription (their ``get`` raises ``BrokerUnavailable``) and forget all."""
         with self._lock:
             self._closed = True
+            self._fanout_wake.set()
             for log in self._logs.values():
                 for sub in log.subscribers:
                     sub.abort()
