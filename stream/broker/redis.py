@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -103,6 +104,7 @@ except ModuleNotFoundError as exc:
     raise missing("redis", exc) from exc
 
 from stream.broker.base import (
+    FANOUT_SLICE,
     BrokerUnavailable,
     LocalSubscription,
     Subscription,
@@ -111,7 +113,7 @@ from stream.broker.base import (
     parse_id,
     reset_envelope,
 )
-from stream.event import Envelope
+from stream.event import Envelope, SharedEnvelope
 from stream.wire import MESSAGE
 
 __all__ = ["RedisBroker"]
@@ -718,17 +720,33 @@ class RedisBroker:
                     continue
                 follow.cursor, follow.position = cursor, position
                 follow.partial, follow.partial_gap = partial, partial_gap
-                subs = self._subs[key]
-                for segment, gap in segments:
-                    if not segment:
-                        continue
-                    first, last = id_key(segment[0].id), id_key(segment[-1].id)
-                    dropped = [sub for sub in subs if not sub.push(segment, first, last, gap)]
-                    for sub in dropped:
-                        del subs[sub]
-                if not subs:
-                    del self._subs[key]
-                    del self._follows[key]
+                subs = list(self._subs[key])
+            # Pushed outside the lock, FANOUT_SLICE at a time with a yield in between, so
+            # 10,000 local subscribers do not hold publishers and other streams back. One
+            # that subscribes meanwhile reads its history after the cursor moved past this
+            # slice: it is in that history (or before the position it asked for).
+            dropped: list[LocalSubscription] = []
+            pushed = 0
+            for segment, gap in segments:
+                if not segment:
+                    continue
+                first, last = id_key(segment[0].id), id_key(segment[-1].id)
+                live: list[Envelope] = [SharedEnvelope(*entry) for entry in segment]
+                for sub in subs:
+                    pushed += 1
+                    if pushed % FANOUT_SLICE == 0:
+                        time.sleep(0)
+                    if not sub.push(live, first, last, gap):
+                        dropped.append(sub)
+            if dropped:
+                with self._lock:
+                    current = self._subs.get(key)
+                    if current is not None and self._follows.get(key) is follow:
+                        for sub in dropped:
+                            current.pop(sub, None)
+                        if not current:
+                            del self._subs[key]
+                            del self._follows[key]
 
     # -- metadata, expiry, lifecycle ----------------------------------------------------------
 
