@@ -149,6 +149,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
 
     return {
+        "lags": lags,
         "conns": args.conns,
         "completed": outcomes.get("ok", 0),
         "outcomes": outcomes,
@@ -162,6 +163,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "steady_p99_ms": q(0.99, steady),
         "ramp_seconds": ramp,
         "seconds": time.perf_counter() - start,
+        # the load generator's own CPU (user + system), so a report can show it was no bottleneck
+        "cpu_seconds": time.process_time(),
     }
 
 
@@ -174,6 +177,7 @@ def main() -> None:
     parser.add_argument("--accept", default="application/x-ndjson")
     parser.add_argument("--connect-concurrency", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--dump", help="write every lag (ms) to this file as a JSON list")
     args = parser.parse_args()
     try:
         import uvloop
@@ -182,6 +186,12 @@ def main() -> None:
     except ImportError:
         pass
     result = asyncio.run(run(args))
+    if args.dump:
+        # every lag, for a caller that merges several load generators' percentiles
+        with open(args.dump, "w") as f:
+            json.dump(result.pop("lags"), f)
+    else:
+        result.pop("lags")
     sys.stdout.write(json.dumps(result) + "\n")
 
 
