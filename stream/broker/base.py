@@ -287,49 +287,55 @@ class LocalSubscription:
         ``_TICK`` s after ``timeout`` (a timer per wait was a quarter of a 10,000-subscriber
         fan-out: one started and cancelled per subscriber per event).
         """
-        with self._lock:
-            idle = not (self._batches or self._replay or self._overflowed or self._closed)
-            if idle:
-                if timeout <= 0:
-                    return []
-                self._event.clear()
-                self._waiting = True
-        if idle:
-            deadline = time.monotonic() + timeout
-            # Usually still filed from an earlier wait: then this is one attribute write, no
-            # lock (the waker refiles it by ``_due`` when its tick comes).
-            self._due = deadline
-            try:
-                while True:
-                    if self._tick is None:
-                        _DEADLINES.add(self)
-                    self._event.wait()
-                    with self._lock:
-                        if self._batches or self._replay or self._overflowed or self._closed:
-                            break
-                        if time.monotonic() >= deadline:
-                            break
-                        # Woken for an earlier wait's deadline (a race with the waker, threads
-                        # only): wait on. A push sets the event under this lock, so clearing it
-                        # here loses no wake-up.
-                        self._event.clear()
-            finally:
-                self._waiting = False
-        with self._lock:
-            if self._overflowed:
-                self._replay = None
-                raise SlowConsumer(
-                    f"subscriber of {self.key!r} fell more than {self._limit} entries behind"
-                )
-            if self._closed:
-                if self._broker_closed:
-                    raise BrokerUnavailable("the broker was closed")
+        lock = self._lock
+        with lock:
+            if self._batches or self._replay or self._overflowed or self._closed:
+                return self._take()
+            if timeout <= 0:
                 return []
-            batches = self._batches
-            self._batches = []
-            self._pending = self._largest = 0
-            out = self._replay
+            self._event.clear()
+            self._waiting = True
+        deadline = time.monotonic() + timeout
+        # Usually still filed from an earlier wait: then this is one attribute write, no lock
+        # (the waker refiles it by ``_due`` when its tick comes).
+        self._due = deadline
+        try:
+            while True:
+                if self._tick is None:
+                    _DEADLINES.add(self)
+                self._event.wait()
+                with lock:
+                    if self._batches or self._replay or self._overflowed or self._closed:
+                        return self._take()
+                    if time.monotonic() >= deadline:
+                        return []
+                    # Woken for an earlier wait's deadline (a race with the waker, threads
+                    # only): wait on. A push sets the event under this lock, so clearing it
+                    # here loses no wake-up.
+                    self._event.clear()
+        finally:
+            self._waiting = False
+
+    def _take(self) -> list[Envelope]:
+        """Everything queued, or the reason there is nothing more (``_lock`` held).
+
+        One lock section per ``get`` that finds entries: a fan-out's subscribers each take
+        one per publish.
+        """
+        if self._overflowed:
             self._replay = None
+            raise SlowConsumer(
+                f"subscriber of {self.key!r} fell more than {self._limit} entries behind"
+            )
+        if self._closed:
+            if self._broker_closed:
+                raise BrokerUnavailable("the broker was closed")
+            return []
+        batches = self._batches
+        self._batches = []
+        self._pending = self._largest = 0
+        out = self._replay
+        self._replay = None
         if out is None:
             if len(batches) == 1:
                 return batches[0]
