@@ -37,6 +37,7 @@ async def one(
     steady: list[float],
     headers_done: asyncio.Event,
     total: int,
+    linger: float = 0.0,
 ) -> str:
     now = time.time
     async with gate:  # bound the connects in flight (listen backlogs are 2048 here)
@@ -89,6 +90,10 @@ async def one(
                 ended = got >= expect
                 break
             buf = buf[-64:] + data if len(buf) > 64 else buf + data
+        if ended and linger > 0:
+            # Stay connected (without reading) so that thousands of streams closing at once do
+            # not compete with the last events still being written to the other connections.
+            await asyncio.sleep(linger)
     except OSError as exc:
         return f"read:{type(exc).__name__}"
     finally:
@@ -131,6 +136,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             steady,
             headers_done,
             args.conns,
+            args.linger,
         )
         for _ in range(args.conns)
     ]
@@ -177,6 +183,7 @@ def main() -> None:
     parser.add_argument("--accept", default="application/x-ndjson")
     parser.add_argument("--connect-concurrency", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--linger", type=float, default=0.0, help="s to stay open once done")
     parser.add_argument("--dump", help="write every lag (ms) to this file as a JSON list")
     args = parser.parse_args()
     try:

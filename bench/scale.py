@@ -79,7 +79,8 @@ def spread_load(
         argv += ["--expect", str(expect), "--timeout", str(timeout), "--dump", str(tmp / f"{i}")]
         argv += ["--connect-concurrency", str(max(1, connect_concurrency // procs))]
         if no_end:
-            argv.append("--no-end")
+            # Subscriptions never end: every client stays until the others are served too.
+            argv += ["--no-end", "--linger", "5"]
         clients.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True))
     done = threading.Event()
     ready = threading.Barrier(procs + 1)
@@ -373,7 +374,7 @@ def fanout_run(server: Server, subs: int, events: int, rate: float, label: str) 
         f"/channels/{channel}",
         subs,
         events,
-        timeout=events / rate + 90,
+        timeout=events / rate + 90,  # (the load generators linger 5 s within it)
         no_end=True,
         on_ready=lambda: [t.start() for t in threads],
         connect_concurrency=128,
@@ -394,7 +395,7 @@ def fanout_run(server: Server, subs: int, events: int, rate: float, label: str) 
 
 def fanout_scale(cfg: Any) -> tuple[Section, list[Goal], dict[str, Any]]:
     subs = 2000 if cfg.quick else 10_000
-    events, rate = (10, 2.0) if cfg.quick else (20, 2.0)
+    events, rate = (10, 1.0) if cfg.quick else (15, 1.0)
     runs: dict[str, list[dict[str, Any]]] = {}
     order = ["peer", "memory", "redis1", "redis2", "redis4"]
     labels = {
