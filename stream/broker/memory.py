@@ -39,6 +39,10 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 _ENTRY_OVERHEAD = 320
 
 
+#: one publish waiting for the fan-out: its entries, first and last id
+_Queued = tuple[list[Envelope], IdTuple, IdTuple]
+
+
 class _Log:
     """One key in the in-process broker: its entries, subscribers, metadata and expiry."""
 
@@ -184,21 +188,30 @@ class MemoryBroker:
                     self._fanout.clear()
                     self._fanned.set()
                     return
-                work = [
-                    (log, list(log.subscribers), batch, first, last)
-                    for log, batch, first, last in self._fanout
-                ]
+                # Per key: its subscribers now, and every publish queued for it meanwhile.
+                work: dict[int, tuple[_Log, list[LocalSubscription], list[_Queued]]] = {}
+                for log, batch, first, last in self._fanout:
+                    if id(log) not in work:
+                        work[id(log)] = (log, list(log.subscribers), [])
+                    work[id(log)][2].append((batch, first, last))
                 self._fanout.clear()
-            for log, subs, batch, first, last in work:
-                # One list of encode-once envelopes for all of them (the log keeps its own).
-                live: list[Envelope] = [SharedEnvelope(*entry) for entry in batch]
-                dropped = []
+            for log, subs, batches in work.values():
+                # One list of encode-once envelopes per publish for all of them (the log keeps
+                # its own). Each subscriber gets every queued publish before it is woken up:
+                # one wake-up (and one coalesced write) for what piled up while it was busy.
+                live: list[_Queued] = [
+                    ([SharedEnvelope(*entry) for entry in batch], first, last)
+                    for batch, first, last in batches
+                ]
+                dropped: list[LocalSubscription] = []
                 for start in range(0, len(subs), FANOUT_SLICE):
                     if start:
                         time.sleep(0)
                     for sub in subs[start : start + FANOUT_SLICE]:
-                        if not sub.push(live, first, last):
-                            dropped.append(sub)
+                        for envelopes, first, last in live:
+                            if not sub.push(envelopes, first, last):
+                                dropped.append(sub)
+                                break
                 if dropped:
                     with self._lock:
                         for sub in dropped:

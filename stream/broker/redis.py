@@ -106,6 +106,7 @@ except ModuleNotFoundError as exc:
 from stream.broker.base import (
     FANOUT_SLICE,
     BrokerUnavailable,
+    IdTuple,
     LocalSubscription,
     Subscription,
     check_limits,
@@ -725,19 +726,26 @@ class RedisBroker:
             # 10,000 local subscribers do not hold publishers and other streams back. One
             # that subscribes meanwhile reads its history after the cursor moved past this
             # slice: it is in that history (or before the position it asked for).
+            # Each subscriber gets every segment of the reply before it is woken up: one
+            # wake-up (and one coalesced write) for what piled up since the last read.
+            live: list[tuple[list[Envelope], IdTuple, IdTuple, str | None]] = [
+                (
+                    [SharedEnvelope(*entry) for entry in segment],
+                    id_key(segment[0].id),
+                    id_key(segment[-1].id),
+                    gap,
+                )
+                for segment, gap in segments
+                if segment
+            ]
             dropped: list[LocalSubscription] = []
-            pushed = 0
-            for segment, gap in segments:
-                if not segment:
-                    continue
-                first, last = id_key(segment[0].id), id_key(segment[-1].id)
-                live: list[Envelope] = [SharedEnvelope(*entry) for entry in segment]
-                for sub in subs:
-                    pushed += 1
-                    if pushed % FANOUT_SLICE == 0:
-                        time.sleep(0)
-                    if not sub.push(live, first, last, gap):
+            for index, sub in enumerate(subs):
+                if index and index % FANOUT_SLICE == 0:
+                    time.sleep(0)
+                for envelopes, first, last, gap in live:
+                    if not sub.push(envelopes, first, last, gap):
                         dropped.append(sub)
+                        break
             if dropped:
                 with self._lock:
                     current = self._subs.get(key)
