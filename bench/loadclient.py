@@ -90,6 +90,11 @@ async def one(
                 ended = got >= expect
                 break
             buf = buf[-64:] + data if len(buf) > 64 else buf + data
+        if ended:
+            state["done"] += 1
+            if state["done"] == total:  # the load generator's busy span ends here
+                state["cpu_done"] = time.process_time()
+                state["t_done"] = time.perf_counter()
         if ended and linger > 0:
             # Stay connected (without reading) so that thousands of streams closing at once do
             # not compete with the last events still being written to the other connections.
@@ -107,7 +112,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     host, port = url.hostname or "127.0.0.1", url.port or 80
     target = url.path + ("?" + url.query if url.query else "")
     gate = asyncio.Semaphore(args.connect_concurrency)
-    state = {"open": 0, "max_open": 0, "headers": 0}
+    state: dict[str, float] = {"open": 0, "max_open": 0, "headers": 0, "done": 0}
     lags: list[float] = []
     steady: list[float] = []  # lags of events that arrived once every stream was open
     headers_done = asyncio.Event()
@@ -117,6 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         nonlocal ramp
         await headers_done.wait()
         ramp = time.perf_counter() - start
+        state["cpu_ready"], state["t_ready"] = time.process_time(), time.perf_counter()
         sys.stdout.write("READY\n")
         sys.stdout.flush()
 
@@ -171,6 +177,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "seconds": time.perf_counter() - start,
         # the load generator's own CPU (user + system), so a report can show it was no bottleneck
         "cpu_seconds": time.process_time(),
+        # its CPU share (1.0 = one core) from all streams open to the last one served: how
+        # close it came to being the bottleneck while the events flowed
+        "busy_cpu_share": (state["cpu_done"] - state["cpu_ready"])
+        / max(1e-9, state["t_done"] - state["t_ready"])
+        if "cpu_done" in state and "cpu_ready" in state
+        else float("nan"),
     }
 
 

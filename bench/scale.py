@@ -167,9 +167,9 @@ def spread_load(
     if ready_at is not None:
         span = max(1e-9, time.monotonic() - ready_at[0])
         out["server_cpu_after_open"] = (server_cpu_end - ready_at[1]) / span
-    # A load generator's CPU as a share of one core over its run: under 100% it was not the
-    # limit (it waited for the server).
-    out["load_cpu_share"] = [c / max(1e-9, wall) for c in out["load_cpu_seconds"]]
+    # A load generator's CPU as a share of one core while the events flowed (all open to the
+    # last one served): under 100% it waited for the server at times.
+    out["load_cpu_share"] = [r.get("busy_cpu_share", math.nan) for r in results]
     return out
 
 
@@ -229,7 +229,8 @@ def open_streams(cfg: Any) -> tuple[Section, list[Goal], dict[str, Any]]:
             "gunicorn.conf.py (gevent, one worker); peer = the seed's FastAPI "
             "`StreamingResponse` on uvicorn (uvloop, httptools). A fresh server per run. Memory: "
             "peak VmRSS minus idle VmRSS, divided by the streams. Load generators' CPU: each "
-            "process's CPU over its run (100% = one core; below it, it waited for the server).",
+            "process's CPU from all streams open to the last one served (100% = one core; "
+            "below it, it waited for the server).",
         ],
     )
     goals: list[Goal] = []
@@ -451,7 +452,9 @@ def fanout_scale(cfg: Any) -> tuple[Section, list[Goal], dict[str, Any]]:
             "subscriber) every 20 ms throughout, i.e. what any publisher waits while a fan-out "
             "runs. Redis: a local redis-server (no persistence), `REDIS_URL` set, subscribers "
             "spread over the workers by the kernel's accept. Server CPU: all workers together, "
-            "from all-open to the end (100% = one core). The async peer keeps no log and no "
+            "from all-open to the end (100% = one core); load generators' CPU: each process's "
+            "CPU from all open to the last event served (100% = one core). The async peer "
+            "keeps no log and no "
             "ids (bench/peers/fanout_asgi.py): a lower bound of the work, not a like-for-like "
             "service.",
         ],
