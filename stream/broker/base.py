@@ -402,8 +402,7 @@ class _Deadlines:
     it again). A fan-out's subscribers wait once per event, each with the same timeout: this
     costs about one refile per subscriber per timeout, where a timer per wait cost one timer
     start and cancel per subscriber per event. The waker is a daemon thread (a greenlet under
-    gevent), started by the first wait in each process; it sleeps without a timer while
-    nothing is filed.
+    gevent), started by a wait when none runs in the process; it ends when nothing is filed.
     """
 
     def __init__(self) -> None:
@@ -411,14 +410,16 @@ class _Deadlines:
         self._buckets: dict[int, list[LocalSubscription]] = {}
         self._wake = threading.Event()
         self._next: int | None = None
+        #: the process whose waker runs now (0: none runs; it ends when nothing is filed)
         self._pid = 0
 
     def add(self, sub: LocalSubscription) -> None:
         start = False
         with self._lock:
-            if self._pid != os.getpid():  # first use here, or a forked child: its own waker
+            if self._pid != os.getpid():  # no waker runs here (or a forked child's first wait)
+                if self._pid:
+                    self._buckets = {}
                 self._pid = os.getpid()
-                self._buckets = {}
                 self._next = None
                 start = True
             if sub._tick is None:
@@ -448,11 +449,22 @@ class _Deadlines:
                         sub._tick = None
                         if sub._waiting:
                             fire.append(sub)
-                self._next = min(buckets) if buckets else None
-                self._wake.clear()
+                if not buckets:
+                    # Nothing filed: this thread ends, the next wait starts another, so an
+                    # idle worker keeps no waker greenlet.
+                    self._pid = 0
+                    self._next = None
+                    self._wake.clear()
+                    exiting = True
+                else:
+                    self._next = min(buckets)
+                    self._wake.clear()
+                    exiting = False
                 delay = None if self._next is None else max(0.0, self._next * _TICK - now)
             for sub in fire:
                 sub._event.set()
+            if exiting:
+                return
             self._wake.wait(delay)
 
 

@@ -118,10 +118,10 @@ class MemoryBroker:
         self._closed = False
         #: publishes appended but not fanned out yet, oldest first (guarded by ``_lock``)
         self._fanout: deque[tuple[_Log, list[Envelope], IdTuple, IdTuple]] = deque()
-        self._fanout_wake = threading.Event()
         #: set while nothing is queued or being fanned out (``subscriber_count`` waits for it)
         self._fanned = threading.Event()
         self._fanned.set()
+        #: the process whose fan-out thread runs now (0: none runs; it ends when idle)
         self._fanout_pid = 0
 
     # -- publishing ---------------------------------------------------------------------------
@@ -130,6 +130,7 @@ class MemoryBroker:
         """Append ``(event type, JSON bytes)`` items atomically and in order; return their ids."""
         if not items:
             return []
+        start = False
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable("the broker was closed")
@@ -161,31 +162,30 @@ class MemoryBroker:
                 # so a publish costs the same for 10 subscribers as for 10,000.
                 self._fanout.append((log, batch, first, last))
                 self._fanned.clear()
-                self._start_fanout()
-                self._fanout_wake.set()
+                if self._fanout_pid != os.getpid():  # none runs here (or a forked child)
+                    self._fanout_pid = os.getpid()
+                    start = True
             self._maybe_sweep(now)
-        return [entry.id for entry in batch]
-
-    def _start_fanout(self) -> None:
-        """Start the fan-out thread on the first publish in this process (lock held)."""
-        if self._fanout_pid != os.getpid():  # a forked child gets its own
-            self._fanout_pid = os.getpid()
+        if start:  # outside the lock: starting a thread waits for it to run
             threading.Thread(target=self._run_fanout, name="stream-fanout", daemon=True).start()
+        return [entry.id for entry in batch]
 
     def _run_fanout(self) -> None:
         """Push every queued publish to the subscribers it had, in publish order.
 
         The subscribers are read under the lock and pushed to outside it, ``FANOUT_SLICE`` at
         a time with a yield in between: publishers, subscribes and the streams already woken
-        run meanwhile. A subscriber that registers after the snapshot has a floor at the
+        run meanwhile. The thread ends once nothing is queued. A subscriber that registers after
+        the snapshot has a floor at the
         log's newest id (``subscribe``), so it neither misses nor repeats this publish.
         """
         while True:
-            self._fanout_wake.wait()
             with self._lock:
-                self._fanout_wake.clear()
-                if self._closed:
+                if self._closed or not self._fanout:
+                    # Idle (or closed): this thread ends, the next publish starts another, so
+                    # an idle worker keeps no fan-out greenlet.
                     self._fanout.clear()
+                    self._fanout_pid = 0
                     self._fanned.set()
                     return
                 # Per key: its subscribers now, and every publish queued for it meanwhile.
@@ -216,9 +216,6 @@ class MemoryBroker:
                     with self._lock:
                         for sub in dropped:
                             log.subscribers.pop(sub, None)
-            with self._lock:
-                if not self._fanout:
-                    self._fanned.set()
 
     def _trim(self, log: _Log, now: float) -> None:
         entries = log.entries
@@ -399,7 +396,6 @@ class MemoryBroker:
         """End every subscription (their ``get`` raises ``BrokerUnavailable``) and forget all."""
         with self._lock:
             self._closed = True
-            self._fanout_wake.set()
             for log in self._logs.values():
                 for sub in log.subscribers:
                     sub.abort()
