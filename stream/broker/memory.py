@@ -39,6 +39,8 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 _ENTRY_OVERHEAD = 320
 
 
+#: how long the fan-out thread waits for a publish before it ends (s)
+_FANOUT_LINGER = 1.0
 #: one publish waiting for the fan-out: its entries, first and last id
 _Queued = tuple[list[Envelope], IdTuple, IdTuple]
 
@@ -121,6 +123,7 @@ class MemoryBroker:
         #: set while nothing is queued or being fanned out (``subscriber_count`` waits for it)
         self._fanned = threading.Event()
         self._fanned.set()
+        self._fanout_wake = threading.Event()
         #: the process whose fan-out thread runs now (0: none runs; it ends when idle)
         self._fanout_pid = 0
 
@@ -162,6 +165,7 @@ class MemoryBroker:
                 # so a publish costs the same for 10 subscribers as for 10,000.
                 self._fanout.append((log, batch, first, last))
                 self._fanned.clear()
+                self._fanout_wake.set()
                 if self._fanout_pid != os.getpid():  # none runs here (or a forked child)
                     self._fanout_pid = os.getpid()
                     start = True
@@ -175,19 +179,21 @@ class MemoryBroker:
 
         The subscribers are read under the lock and pushed to outside it, ``FANOUT_SLICE`` at
         a time with a yield in between: publishers, subscribes and the streams already woken
-        run meanwhile. The thread ends once nothing is queued. A subscriber that registers after
-        the snapshot has a floor at the
-        log's newest id (``subscribe``), so it neither misses nor repeats this publish.
+        run meanwhile. The thread ends after ``_FANOUT_LINGER`` s with nothing queued. A
+        subscriber that registers after the snapshot has a floor at the log's newest id
+        (``subscribe``), so it neither misses nor repeats this publish.
         """
         while True:
             with self._lock:
-                if self._closed or not self._fanout:
-                    # Idle (or closed): this thread ends, the next publish starts another, so
-                    # an idle worker keeps no fan-out greenlet.
+                if self._closed:
                     self._fanout.clear()
                     self._fanout_pid = 0
                     self._fanned.set()
                     return
+                idle = not self._fanout
+                if idle:
+                    self._fanned.set()
+                    self._fanout_wake.clear()  # under the lock: a publish sets it after
                 # Per key: its subscribers now, and every publish queued for it meanwhile.
                 work: dict[int, tuple[_Log, list[LocalSubscription], list[_Queued]]] = {}
                 for log, batch, first, last in self._fanout:
@@ -195,6 +201,16 @@ class MemoryBroker:
                         work[id(log)] = (log, list(log.subscribers), [])
                     work[id(log)][2].append((batch, first, last))
                 self._fanout.clear()
+            if idle:
+                # Idle for _FANOUT_LINGER s: this thread ends, the next publish starts another,
+                # so an idle worker keeps no fan-out greenlet (and a paced publisher does not
+                # start a thread per publish).
+                if not self._fanout_wake.wait(_FANOUT_LINGER):
+                    with self._lock:
+                        if not self._fanout:
+                            self._fanout_pid = 0
+                            return
+                continue
             for log, subs, batches in work.values():
                 # One list of encode-once envelopes per publish for all of them (the log keeps
                 # its own). Each subscriber gets every queued publish before it is woken up:
@@ -396,6 +412,7 @@ class MemoryBroker:
         """End every subscription (their ``get`` raises ``BrokerUnavailable``) and forget all."""
         with self._lock:
             self._closed = True
+            self._fanout_wake.set()
             for log in self._logs.values():
                 for sub in log.subscribers:
                     sub.abort()
