@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios, servers
+from bench import scale, scenarios, servers
 from bench.common import BENCH, ROOT
 from bench.report import Goal, Section, goals_markdown
 
@@ -32,6 +32,8 @@ SCENARIOS: dict[str, Callable[[scenarios.Config], tuple[Section, list[Goal], dic
     "3": scenarios.concurrency,
     "4": scenarios.decoding,
     "5": scenarios.fanout,
+    "6": scale.open_streams,
+    "7": scale.fanout_scale,
 }
 
 
@@ -113,7 +115,9 @@ QUICK_OUTPUT = Path(tempfile.gettempdir()) / "stream-bench" / "RESULTS-quick.md"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 2-3 minutes)")
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated scenario numbers")
+    parser.add_argument(
+        "--only", default=",".join(SCENARIOS), help="scenario numbers, comma-separated"
+    )
     parser.add_argument("--reps", type=int, default=3, help="runs per figure (>= 3 recommended)")
     parser.add_argument(
         "--output",

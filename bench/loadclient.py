@@ -37,6 +37,7 @@ async def one(
     steady: list[float],
     headers_done: asyncio.Event,
     total: int,
+    linger: float = 0.0,
 ) -> str:
     now = time.time
     async with gate:  # bound the connects in flight (listen backlogs are 2048 here)
@@ -89,6 +90,15 @@ async def one(
                 ended = got >= expect
                 break
             buf = buf[-64:] + data if len(buf) > 64 else buf + data
+        if ended:
+            state["done"] += 1
+            if state["done"] == total:  # the load generator's busy span ends here
+                state["cpu_done"] = time.process_time()
+                state["t_done"] = time.perf_counter()
+        if ended and linger > 0:
+            # Stay connected (without reading) so that thousands of streams closing at once do
+            # not compete with the last events still being written to the other connections.
+            await asyncio.sleep(linger)
     except OSError as exc:
         return f"read:{type(exc).__name__}"
     finally:
@@ -102,7 +112,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     host, port = url.hostname or "127.0.0.1", url.port or 80
     target = url.path + ("?" + url.query if url.query else "")
     gate = asyncio.Semaphore(args.connect_concurrency)
-    state = {"open": 0, "max_open": 0, "headers": 0}
+    state: dict[str, float] = {"open": 0, "max_open": 0, "headers": 0, "done": 0}
     lags: list[float] = []
     steady: list[float] = []  # lags of events that arrived once every stream was open
     headers_done = asyncio.Event()
@@ -112,6 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         nonlocal ramp
         await headers_done.wait()
         ramp = time.perf_counter() - start
+        state["cpu_ready"], state["t_ready"] = time.process_time(), time.perf_counter()
         sys.stdout.write("READY\n")
         sys.stdout.flush()
 
@@ -131,6 +142,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             steady,
             headers_done,
             args.conns,
+            args.linger,
         )
         for _ in range(args.conns)
     ]
@@ -149,6 +161,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
 
     return {
+        "lags": lags,
         "conns": args.conns,
         "completed": outcomes.get("ok", 0),
         "outcomes": outcomes,
@@ -162,6 +175,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "steady_p99_ms": q(0.99, steady),
         "ramp_seconds": ramp,
         "seconds": time.perf_counter() - start,
+        # the load generator's own CPU (user + system), so a report can show it was no bottleneck
+        "cpu_seconds": time.process_time(),
+        # its CPU share (1.0 = one core) from all streams open to the last one served: how
+        # close it came to being the bottleneck while the events flowed
+        "busy_cpu_share": (state["cpu_done"] - state["cpu_ready"])
+        / max(1e-9, state["t_done"] - state["t_ready"])
+        if "cpu_done" in state and "cpu_ready" in state
+        else float("nan"),
     }
 
 
@@ -174,6 +195,8 @@ def main() -> None:
     parser.add_argument("--accept", default="application/x-ndjson")
     parser.add_argument("--connect-concurrency", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--linger", type=float, default=0.0, help="s to stay open once done")
+    parser.add_argument("--dump", help="write every lag (ms) to this file as a JSON list")
     args = parser.parse_args()
     try:
         import uvloop
@@ -182,6 +205,12 @@ def main() -> None:
     except ImportError:
         pass
     result = asyncio.run(run(args))
+    if args.dump:
+        # every lag, for a caller that merges several load generators' percentiles
+        with open(args.dump, "w") as f:
+            json.dump(result.pop("lags"), f)
+    else:
+        result.pop("lags")
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -123,11 +123,25 @@ class Encoder:
         return b""
 
 
+def _once(media_type: str, encode: Callable[[Envelope], bytes]) -> Callable[[Envelope], bytes]:
+    # A fanned-out envelope (event.SharedEnvelope) keeps its bytes per format: every other
+    # subscriber of the publish gets the same bytes object.
+    return lambda env: env.frame(media_type, encode)
+
+
 ENCODERS: dict[str, Encoder] = {
-    NDJSON: Encoder(NDJSON, b" ", _ndjson_value, _envelope_line, (b"", b"\n", b"\n")),
-    SSE: Encoder(SSE, b":\n", _sse_value, _sse_envelope, (b"data: ", b"\n\ndata: ", b"\n\n")),
+    NDJSON: Encoder(
+        NDJSON, b" ", _ndjson_value, _once(NDJSON, _envelope_line), (b"", b"\n", b"\n")
+    ),
+    SSE: Encoder(
+        SSE, b":\n", _sse_value, _once(SSE, _sse_envelope), (b"data: ", b"\n\ndata: ", b"\n\n")
+    ),
     JSON_SEQ: Encoder(
-        JSON_SEQ, b"\x1e", _jsonseq_value, _jsonseq_envelope, (b"\x1e", b"\n\x1e", b"\n")
+        JSON_SEQ,
+        b"\x1e",
+        _jsonseq_value,
+        _once(JSON_SEQ, _jsonseq_envelope),
+        (b"\x1e", b"\n\x1e", b"\n"),
     ),
 }
 

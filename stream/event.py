@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import orjson
@@ -35,3 +36,25 @@ class Envelope(NamedTuple):
     id: str
     event: str
     data: bytes
+
+    def frame(self, media_type: str, encode: Callable[[Envelope], bytes]) -> bytes:
+        """This envelope in ``media_type``'s framing: ``encode(self)`` (cached by ``Shared``)."""
+        return encode(self)
+
+
+class SharedEnvelope(Envelope):
+    """An envelope that a broker fans out to many subscribers: encoded once per format.
+
+    Equal to the ``Envelope`` with the same fields. The brokers hand one list of these to every
+    live subscriber of a publish, so 10,000 subscribers in one format cost one encoding, not
+    10,000; the bytes live as long as the list (the log keeps plain envelopes, so retained
+    entries hold no encodings). No ``__slots__``: the instance dict is the cache.
+    """
+
+    def frame(self, media_type: str, encode: Callable[[Envelope], bytes]) -> bytes:
+        """``encode(self)``, computed once per media type (a race encodes twice: harmless)."""
+        cache = self.__dict__
+        data: bytes | None = cache.get(media_type)
+        if data is None:
+            data = cache[media_type] = encode(self)
+        return data

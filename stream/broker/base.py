@@ -50,8 +50,11 @@ monkey-patched into their cooperative equivalents, so the same code serves green
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any, Protocol
@@ -62,6 +65,7 @@ from stream.event import Envelope
 from stream.wire import RESET, ResetPayload, reset_json
 
 __all__ = [
+    "FANOUT_SLICE",
     "Broker",
     "BrokerUnavailable",
     "IdTuple",
@@ -76,6 +80,10 @@ __all__ = [
 ]
 
 IdTuple = tuple[int, int]
+
+#: Subscribers a fan-out pushes to between two yields to the other greenlets (under gevent)
+#: or threads: what bounds how long one big fan-out holds a publisher or a stream back.
+FANOUT_SLICE = 256
 
 #: Redis stream ids are two unsigned 64-bit integers.
 _MAX_PART = 2**64 - 1
@@ -206,6 +214,8 @@ class LocalSubscription:
         "_limit",
         "_last",
         "_on_close",
+        "_due",
+        "_tick",
     )
 
     def __init__(
@@ -232,6 +242,10 @@ class LocalSubscription:
         #: newest id queued so far: live entries at or below it are duplicates and dropped
         self._last = last
         self._on_close = on_close
+        #: when the current idle wait ends (monotonic s), and the tick ``_DEADLINES`` holds
+        #: this subscription under (None: not filed; set under ``_DEADLINES``' lock)
+        self._due = 0.0
+        self._tick: int | None = None
 
     def push(
         self, batch: list[Envelope], first: IdTuple, last: IdTuple, gap_after: str | None = None
@@ -267,32 +281,61 @@ class LocalSubscription:
             return True
 
     def get(self, timeout: float) -> list[Envelope]:
-        """Every entry queued so far, in id order; ``[]`` after ``timeout`` s of nothing."""
-        with self._lock:
-            idle = not (self._batches or self._replay or self._overflowed or self._closed)
-            if idle:
-                self._event.clear()
-                self._waiting = True
-        if idle:
-            try:
-                self._event.wait(max(timeout, 0.0))
-            finally:
-                self._waiting = False
-        with self._lock:
-            if self._overflowed:
-                self._replay = None
-                raise SlowConsumer(
-                    f"subscriber of {self.key!r} fell more than {self._limit} entries behind"
-                )
-            if self._closed:
-                if self._broker_closed:
-                    raise BrokerUnavailable("the broker was closed")
+        """Every entry queued so far, in id order; ``[]`` after ``timeout`` s of nothing.
+
+        An idle wait has no timer of its own: the shared ``_DEADLINES`` wakes it at most
+        ``_TICK`` s after ``timeout`` (a timer per wait was a quarter of a 10,000-subscriber
+        fan-out: one started and cancelled per subscriber per event).
+        """
+        lock = self._lock
+        with lock:
+            if self._batches or self._replay or self._overflowed or self._closed:
+                return self._take()
+            if timeout <= 0:
                 return []
-            batches = self._batches
-            self._batches = []
-            self._pending = self._largest = 0
-            out = self._replay
+            self._event.clear()
+            self._waiting = True
+        deadline = time.monotonic() + timeout
+        # Usually still filed from an earlier wait: then this is one attribute write, no lock
+        # (the waker refiles it by ``_due`` when its tick comes).
+        self._due = deadline
+        try:
+            while True:
+                if self._tick is None:
+                    _DEADLINES.add(self)
+                self._event.wait()
+                with lock:
+                    if self._batches or self._replay or self._overflowed or self._closed:
+                        return self._take()
+                    if time.monotonic() >= deadline:
+                        return []
+                    # Woken for an earlier wait's deadline (a race with the waker, threads
+                    # only): wait on. A push sets the event under this lock, so clearing it
+                    # here loses no wake-up.
+                    self._event.clear()
+        finally:
+            self._waiting = False
+
+    def _take(self) -> list[Envelope]:
+        """Everything queued, or the reason there is nothing more (``_lock`` held).
+
+        One lock section per ``get`` that finds entries: a fan-out's subscribers each take
+        one per publish.
+        """
+        if self._overflowed:
             self._replay = None
+            raise SlowConsumer(
+                f"subscriber of {self.key!r} fell more than {self._limit} entries behind"
+            )
+        if self._closed:
+            if self._broker_closed:
+                raise BrokerUnavailable("the broker was closed")
+            return []
+        batches = self._batches
+        self._batches = []
+        self._pending = self._largest = 0
+        out = self._replay
+        self._replay = None
         if out is None:
             if len(batches) == 1:
                 return batches[0]
@@ -344,6 +387,88 @@ class LocalSubscription:
     def overflowed(self) -> bool:
         """Whether this subscriber fell too far behind and was cut off from the live tail."""
         return self._overflowed
+
+
+#: the resolution of ``get``'s timeout (s): an idle ``get`` returns at most this much late
+_TICK = 0.05
+
+
+class _Deadlines:
+    """One timer for every idle ``get`` in the process: subscriptions filed by deadline tick.
+
+    A subscription is filed at most once. A later wait only writes its deadline (``_due``);
+    when the tick it is filed under comes, the waker wakes it if its deadline passed while it
+    waits, refiles it if the deadline is later, and forgets it otherwise (its next wait files
+    it again). A fan-out's subscribers wait once per event, each with the same timeout: this
+    costs about one refile per subscriber per timeout, where a timer per wait cost one timer
+    start and cancel per subscriber per event. The waker is a daemon thread (a greenlet under
+    gevent), started by a wait when none runs in the process; it ends when nothing is filed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[int, list[LocalSubscription]] = {}
+        self._wake = threading.Event()
+        self._next: int | None = None
+        #: the process whose waker runs now (0: none runs; it ends when nothing is filed)
+        self._pid = 0
+
+    def add(self, sub: LocalSubscription) -> None:
+        start = False
+        with self._lock:
+            if self._pid != os.getpid():  # no waker runs here (or a forked child's first wait)
+                if self._pid:
+                    self._buckets = {}
+                self._pid = os.getpid()
+                self._next = None
+                start = True
+            if sub._tick is None:
+                tick = math.ceil(sub._due / _TICK)
+                self._buckets.setdefault(tick, []).append(sub)
+                sub._tick = tick
+                if self._next is None or tick < self._next:
+                    self._wake.set()
+        if start:  # outside the lock: starting a thread waits for it to run
+            threading.Thread(target=self._run, name="stream-deadlines", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fire: list[LocalSubscription] = []
+            with self._lock:
+                now = time.monotonic()
+                current = math.floor(now / _TICK)
+                buckets = self._buckets
+                for tick in [t for t in buckets if t <= current]:
+                    for sub in buckets.pop(tick):
+                        due = sub._due
+                        if due > now:
+                            later = math.ceil(due / _TICK)
+                            buckets.setdefault(later, []).append(sub)
+                            sub._tick = later
+                            continue
+                        sub._tick = None
+                        if sub._waiting:
+                            fire.append(sub)
+                if not buckets:
+                    # Nothing filed: this thread ends, the next wait starts another, so an
+                    # idle worker keeps no waker greenlet.
+                    self._pid = 0
+                    self._next = None
+                    self._wake.clear()
+                    exiting = True
+                else:
+                    self._next = min(buckets)
+                    self._wake.clear()
+                    exiting = False
+                delay = None if self._next is None else max(0.0, self._next * _TICK - now)
+            for sub in fire:
+                sub._event.set()
+            if exiting:
+                return
+            self._wake.wait(delay)
+
+
+_DEADLINES = _Deadlines()
 
 
 def _after(entry: Envelope, floor: IdTuple) -> bool:

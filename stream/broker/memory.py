@@ -7,6 +7,7 @@ worker, a script, the tests); for several workers or machines, ``stream.broker.r
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 
 from stream.broker.base import (
+    FANOUT_SLICE,
     BrokerUnavailable,
     IdTuple,
     LocalSubscription,
@@ -24,7 +26,7 @@ from stream.broker.base import (
     parse_id,
     reset_envelope,
 )
-from stream.event import Envelope
+from stream.event import Envelope, SharedEnvelope
 
 __all__ = ["DEFAULT_MAX_BYTES", "MemoryBroker"]
 
@@ -35,6 +37,12 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 #: Python's cost of one retained entry beyond its data: the id tuple and string, the
 #: envelope, the deque slot (measured on CPython 3.11: about 300 bytes).
 _ENTRY_OVERHEAD = 320
+
+
+#: how long the fan-out thread waits for a publish before it ends (s)
+_FANOUT_LINGER = 1.0
+#: one publish waiting for the fan-out: its entries, first and last id
+_Queued = tuple[list[Envelope], IdTuple, IdTuple]
 
 
 class _Log:
@@ -110,6 +118,14 @@ class MemoryBroker:
         self._newest: IdTuple = (now_ms, -1)
         self._next_sweep = time.monotonic() + _SWEEP_INTERVAL
         self._closed = False
+        #: publishes appended but not fanned out yet, oldest first (guarded by ``_lock``)
+        self._fanout: deque[tuple[_Log, list[Envelope], IdTuple, IdTuple]] = deque()
+        #: set while nothing is queued or being fanned out (``subscriber_count`` waits for it)
+        self._fanned = threading.Event()
+        self._fanned.set()
+        self._fanout_wake = threading.Event()
+        #: the process whose fan-out thread runs now (0: none runs; it ends when idle)
+        self._fanout_pid = 0
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -117,6 +133,7 @@ class MemoryBroker:
         """Append ``(event type, JSON bytes)`` items atomically and in order; return their ids."""
         if not items:
             return []
+        start = False
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable("the broker was closed")
@@ -144,11 +161,77 @@ class MemoryBroker:
             self._trim(log, now)
             self._evict()
             if log.subscribers:
-                dropped = [sub for sub in log.subscribers if not sub.push(batch, first, last)]
-                for sub in dropped:
-                    del log.subscribers[sub]
+                # Answered once it is in the log: the fan-out runs in its own thread (greenlet),
+                # so a publish costs the same for 10 subscribers as for 10,000.
+                self._fanout.append((log, batch, first, last))
+                self._fanned.clear()
+                self._fanout_wake.set()
+                if self._fanout_pid != os.getpid():  # none runs here (or a forked child)
+                    self._fanout_pid = os.getpid()
+                    start = True
             self._maybe_sweep(now)
+        if start:  # outside the lock: starting a thread waits for it to run
+            threading.Thread(target=self._run_fanout, name="stream-fanout", daemon=True).start()
         return [entry.id for entry in batch]
+
+    def _run_fanout(self) -> None:
+        """Push every queued publish to the subscribers it had, in publish order.
+
+        The subscribers are read under the lock and pushed to outside it, ``FANOUT_SLICE`` at
+        a time with a yield in between: publishers, subscribes and the streams already woken
+        run meanwhile. The thread ends after ``_FANOUT_LINGER`` s with nothing queued. A
+        subscriber that registers after the snapshot has a floor at the log's newest id
+        (``subscribe``), so it neither misses nor repeats this publish.
+        """
+        while True:
+            with self._lock:
+                if self._closed:
+                    self._fanout.clear()
+                    self._fanout_pid = 0
+                    self._fanned.set()
+                    return
+                idle = not self._fanout
+                if idle:
+                    self._fanned.set()
+                    self._fanout_wake.clear()  # under the lock: a publish sets it after
+                # Per key: its subscribers now, and every publish queued for it meanwhile.
+                work: dict[int, tuple[_Log, list[LocalSubscription], list[_Queued]]] = {}
+                for log, batch, first, last in self._fanout:
+                    if id(log) not in work:
+                        work[id(log)] = (log, list(log.subscribers), [])
+                    work[id(log)][2].append((batch, first, last))
+                self._fanout.clear()
+            if idle:
+                # Idle for _FANOUT_LINGER s: this thread ends, the next publish starts another,
+                # so an idle worker keeps no fan-out greenlet (and a paced publisher does not
+                # start a thread per publish).
+                if not self._fanout_wake.wait(_FANOUT_LINGER):
+                    with self._lock:
+                        if not self._fanout:
+                            self._fanout_pid = 0
+                            return
+                continue
+            for log, subs, batches in work.values():
+                # One list of encode-once envelopes per publish for all of them (the log keeps
+                # its own). Each subscriber gets every queued publish before it is woken up:
+                # one wake-up (and one coalesced write) for what piled up while it was busy.
+                live: list[_Queued] = [
+                    ([SharedEnvelope(*entry) for entry in batch], first, last)
+                    for batch, first, last in batches
+                ]
+                dropped: list[LocalSubscription] = []
+                for start in range(0, len(subs), FANOUT_SLICE):
+                    if start:
+                        time.sleep(0)
+                    for sub in subs[start : start + FANOUT_SLICE]:
+                        for envelopes, first, last in live:
+                            if not sub.push(envelopes, first, last):
+                                dropped.append(sub)
+                                break
+                if dropped:
+                    with self._lock:
+                        for sub in dropped:
+                            log.subscribers.pop(sub, None)
 
     def _trim(self, log: _Log, now: float) -> None:
         entries = log.entries
@@ -258,7 +341,9 @@ class MemoryBroker:
                 replay.extend(tail)
             elif from_start:
                 replay.extend(entry for _, entry in entries)
-            sub = LocalSubscription(key, self.queue_size, self._unsubscribe)
+            # Publishes up to the log's newest id are in the replay (or before the position
+            # asked for): one still queued for the fan-out must not reach this subscriber too.
+            sub = LocalSubscription(key, self.queue_size, self._unsubscribe, log.last)
             sub.start(replay, None)
             log.subscribers[sub] = None
             self._maybe_sweep(now)
@@ -273,7 +358,9 @@ class MemoryBroker:
                     del self._logs[sub.key]
 
     def subscriber_count(self, key: str | None = None) -> int:
-        """How many subscriptions follow ``key`` (all keys when ``None``) right now."""
+        """How many subscriptions follow ``key`` (all keys when ``None``), once every publish
+        made so far was fanned out (those a publish cut off are no longer counted)."""
+        self._fanned.wait(5.0)
         with self._lock:
             if key is None:
                 return sum(len(log.subscribers) for log in self._logs.values())
@@ -325,6 +412,7 @@ class MemoryBroker:
         """End every subscription (their ``get`` raises ``BrokerUnavailable``) and forget all."""
         with self._lock:
             self._closed = True
+            self._fanout_wake.set()
             for log in self._logs.values():
                 for sub in log.subscribers:
                     sub.abort()

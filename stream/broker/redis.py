@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -103,7 +104,9 @@ except ModuleNotFoundError as exc:
     raise missing("redis", exc) from exc
 
 from stream.broker.base import (
+    FANOUT_SLICE,
     BrokerUnavailable,
+    IdTuple,
     LocalSubscription,
     Subscription,
     check_limits,
@@ -111,7 +114,7 @@ from stream.broker.base import (
     parse_id,
     reset_envelope,
 )
-from stream.event import Envelope
+from stream.event import Envelope, SharedEnvelope
 from stream.wire import MESSAGE
 
 __all__ = ["RedisBroker"]
@@ -718,17 +721,40 @@ class RedisBroker:
                     continue
                 follow.cursor, follow.position = cursor, position
                 follow.partial, follow.partial_gap = partial, partial_gap
-                subs = self._subs[key]
-                for segment, gap in segments:
-                    if not segment:
-                        continue
-                    first, last = id_key(segment[0].id), id_key(segment[-1].id)
-                    dropped = [sub for sub in subs if not sub.push(segment, first, last, gap)]
-                    for sub in dropped:
-                        del subs[sub]
-                if not subs:
-                    del self._subs[key]
-                    del self._follows[key]
+                subs = list(self._subs[key])
+            # Pushed outside the lock, FANOUT_SLICE at a time with a yield in between, so
+            # 10,000 local subscribers do not hold publishers and other streams back. One
+            # that subscribes meanwhile reads its history after the cursor moved past this
+            # slice: it is in that history (or before the position it asked for).
+            # Each subscriber gets every segment of the reply before it is woken up: one
+            # wake-up (and one coalesced write) for what piled up since the last read.
+            live: list[tuple[list[Envelope], IdTuple, IdTuple, str | None]] = [
+                (
+                    [SharedEnvelope(*entry) for entry in segment],
+                    id_key(segment[0].id),
+                    id_key(segment[-1].id),
+                    gap,
+                )
+                for segment, gap in segments
+                if segment
+            ]
+            dropped: list[LocalSubscription] = []
+            for index, sub in enumerate(subs):
+                if index and index % FANOUT_SLICE == 0:
+                    time.sleep(0)
+                for envelopes, first, last, gap in live:
+                    if not sub.push(envelopes, first, last, gap):
+                        dropped.append(sub)
+                        break
+            if dropped:
+                with self._lock:
+                    current = self._subs.get(key)
+                    if current is not None and self._follows.get(key) is follow:
+                        for sub in dropped:
+                            current.pop(sub, None)
+                        if not current:
+                            del self._subs[key]
+                            del self._follows[key]
 
     # -- metadata, expiry, lifecycle ----------------------------------------------------------
 
