@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from service.demo import SEED_MESSAGES
 from service.edges import BadRequest
 from stream.broker import Broker
 from stream.encoders import dumps_compact
+from stream.ndjson import loads_exact, long_digits
 
 NAME_RE = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
 EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_\-.:]{1,64}")
@@ -75,14 +75,6 @@ def last_event_id(broker: Broker) -> str | None:
     return value
 
 
-#: an integer literal orjson would turn into a float (beyond 64 bits) may start here
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def compact_json(text: bytes) -> bytes:
     """One published JSON text, compact on one line, exactly what ``json.loads`` reads in it.
 
@@ -93,12 +85,12 @@ def compact_json(text: bytes) -> bytes:
     touches whitespace between tokens). NaN and Infinity, which are not JSON, are refused.
     Raises ``ValueError`` for anything that is not one JSON text.
     """
-    if not _LONG_DIGITS.search(text):
+    if not long_digits(text):
         try:
             return dumps_compact(orjson.loads(text))
         except orjson.JSONDecodeError:
             pass  # decided below, by the reference parser
-    json.loads(text, parse_constant=_no_constants)
+    loads_exact(text)  # the clients' own rule for exact values
     return text.strip().replace(b"\r", b" ").replace(b"\n", b" ")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import orjson
+from .ndjson import decode_exact
 
 
 class Event(NamedTuple):
@@ -22,8 +22,8 @@ class Event(NamedTuple):
     retry: int | None = None
 
     def json(self) -> Any:
-        """Decode ``data`` as JSON."""
-        return orjson.loads(self.data)
+        """Decode ``data`` as JSON, exactly as ``json.loads`` would (integers of any size)."""
+        return decode_exact(self.data)
 
 
 class Envelope(NamedTuple):

@@ -175,3 +175,13 @@ def test_values_before_a_line_too_long_are_in_the_error(body: bytes) -> None:
         decoder.feed(body)
     assert info.value.values == [1, 2]
     assert info.value.line_number == 3
+
+
+def test_event_json_is_exact() -> None:
+    # Event.json() follows the same rule as stream(): what json.loads gives.
+    from stream.event import Event
+
+    assert Event("", "message", '{"n": 12345678901234567890123}').json() == {
+        "n": 12345678901234567890123
+    }
+    assert Event("", "message", "1e400").json() == float("inf")

@@ -170,6 +170,16 @@ def parse_id(value: str) -> IdTuple | None:
     return ms, seq
 
 
+def resume_after(last_id: str | None) -> IdTuple | None:
+    """The id a subscription resumes after (``None``: none given); ``ValueError`` if malformed."""
+    if last_id is None:
+        return None
+    after = parse_id(last_id)
+    if after is None:
+        raise ValueError(f"not a stream id: {last_id!r}")
+    return after
+
+
 def format_id(value: IdTuple) -> str:
     """The string form ``"<ms>-<seq>"`` of an id tuple."""
     return f"{value[0]}-{value[1]}"

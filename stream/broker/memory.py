@@ -25,6 +25,7 @@ from stream.broker.base import (
     check_limits,
     parse_id,
     reset_envelope,
+    resume_after,
 )
 from stream.event import Envelope, SharedEnvelope
 
@@ -303,11 +304,7 @@ class MemoryBroker:
         self, key: str, last_id: str | None = None, *, from_start: bool = False
     ) -> Subscription:
         """Follow ``key``: new entries only, the whole log (``from_start``) or after ``last_id``."""
-        after = None
-        if last_id is not None:
-            after = parse_id(last_id)
-            if after is None:
-                raise ValueError(f"not a stream id: {last_id!r}")
+        after = resume_after(last_id)
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable("the broker was closed")

@@ -113,6 +113,7 @@ from stream.broker.base import (
     id_key,
     parse_id,
     reset_envelope,
+    resume_after,
 )
 from stream.event import Envelope, SharedEnvelope
 from stream.wire import MESSAGE
@@ -534,11 +535,7 @@ class RedisBroker:
         self, key: str, last_id: str | None = None, *, from_start: bool = False
     ) -> Subscription:
         """Follow ``key``: new entries only, the whole log (``from_start``) or after ``last_id``."""
-        after = None
-        if last_id is not None:
-            after = parse_id(last_id)
-            if after is None:
-                raise ValueError(f"not a stream id: {last_id!r}")
+        after = resume_after(last_id)
         replaying = after is not None or from_start
         # 1. Register for the live tail first. A key new to this process needs a starting id for
         # the reader: the newest id now, read before registering, so it is <= any later history.
