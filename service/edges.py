@@ -6,13 +6,14 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import request
 from werkzeug.datastructures import Headers
 from werkzeug.wsgi import get_input_stream
+
+from stream.runners import gevent_active
 
 
 class BadRequest(Exception):
@@ -121,12 +122,6 @@ _CLOSE = "stream.close_connection"
 _READ_SIZE = 64 * 1024
 
 
-def _gevent_active() -> bool:
-    """Whether gevent has patched this process (gunicorn's gevent worker)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
-
-
 def _has_body() -> bool:
     return bool(request.content_length) or "Transfer-Encoding" in request.headers
 
@@ -147,7 +142,7 @@ def _read_input(keep: int, discard: int, timeout: float) -> tuple[bytes, int, bo
     chunks: list[bytes] = []
     total = 0
     timer = None
-    if _gevent_active() and timeout > 0:
+    if gevent_active() and timeout > 0:
         import gevent  # only once gevent patched the process: never imported by the dev server
 
         timer = gevent.Timeout(timeout)
