@@ -235,3 +235,24 @@ def test_the_master_imports_nothing_but_the_standard_library() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("patched", [True, False])
+def test_post_worker_init_shortens_the_hubs_run_under_gevent_only(
+    hooks: ModuleType, monkeypatch: pytest.MonkeyPatch, patched: bool
+) -> None:
+    import stream.runners
+
+    before = sys.getswitchinterval()
+    monkeypatch.setattr(stream.runners, "gevent_active", lambda: patched)
+    try:
+        sys.setswitchinterval(0.005)
+        worker = FakeWorker()
+        hooks.post_worker_init(worker)
+        expected = hooks.SWITCH_INTERVAL if patched else 0.005
+        assert sys.getswitchinterval() == pytest.approx(expected)
+        worker.alive = False
+        wait_for(lambda: "shutdown" in hooks.calls)  # type: ignore[attr-defined]
+    finally:
+        sys.setswitchinterval(before)

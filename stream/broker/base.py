@@ -83,7 +83,8 @@ IdTuple = tuple[int, int]
 
 #: Subscribers a fan-out pushes to between two yields to the other greenlets (under gevent)
 #: or threads: what bounds how long one big fan-out holds a publisher or a stream back.
-FANOUT_SLICE = 256
+#: Each push wakes a subscriber: a yield lets the 64 woken write before the next 64 wake.
+FANOUT_SLICE = 64
 
 #: Redis stream ids are two unsigned 64-bit integers.
 _MAX_PART = 2**64 - 1
