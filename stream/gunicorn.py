@@ -195,8 +195,8 @@ def post_fork(server: Server, worker: Worker) -> None:
     kept growing even after the data was gone. A fixed threshold maps larger blocks and unmaps
     them on free. It sits above a stream's writes (``max_chunk``, 256 KiB, and gunicorn's
     framed copy of it): mapped, each write cost a fresh mmap, its page faults and an munmap,
-    about a fifth of a fast stream's time (curl read 2.2M events/s with a 32 KiB threshold,
-    2.8M with this one). Skipped where the C library is not glibc.
+    about a fifth of a fast stream's time (bench/PROFILE.md). Skipped where the C library is
+    not glibc.
     """
     import ctypes
     import ctypes.util
@@ -230,9 +230,8 @@ def post_worker_init(worker: Worker) -> None:
 
     # gevent's hub runs ready greenlets (a fan-out's woken subscribers: thousands) for up to
     # the switch interval before it polls for I/O, and every greenlet waiting on a socket
-    # waits that long again: a publish (request, Redis reply) waits twice. 1 ms instead of
-    # 5 ms took a publish's p99 during a 10,000-subscriber fan-out from 25 ms to 11 ms
-    # (bench scenario 7, two workers); a poll costs about a microsecond. Outside gevent the
+    # waits that long again: a publish (request, Redis reply) waits twice (bench table 7,
+    # publish and probe columns); a poll costs about a microsecond. Outside gevent the
     # interval only paces the GIL between threads, which these workers barely have.
     if gevent_active():
         sys.setswitchinterval(SWITCH_INTERVAL)
