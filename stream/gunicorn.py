@@ -78,7 +78,8 @@ MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 WATCH_INTERVAL = 0.1
 #: the collector's thresholds in a worker (CPython's default: 700, 10, 10); see post_worker_init
 GC_THRESHOLDS = (50_000, 20, 10)
-#: glibc's mmap threshold in a worker (bytes): blocks above it are mapped, and unmapped on free
+#: glibc's mmap threshold in a worker (bytes): blocks above it are mapped, and unmapped on free;
+#: the heap keeps up to twice this free at its top (the trim threshold)
 MMAP_THRESHOLD = 1024 * 1024
 #: under gevent, how long (s) the hub runs ready greenlets before it looks at sockets again
 #: (gevent's default: 0.005); see post_worker_init
@@ -190,12 +191,15 @@ def on_exit(server: Server) -> None:
 def post_fork(server: Server, worker: Worker) -> None:
     """Fix glibc's mmap threshold (``MMAP_THRESHOLD``): huge blocks go back to the system.
 
+    The heap's trim threshold is twice that, glibc's own rule when it moves the thresholds.
+
     glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which big
     payloads come from the heap and fragment it: a worker that streamed 20 MB of 10 KB events
     kept growing even after the data was gone. A fixed threshold maps larger blocks and unmaps
     them on free. It sits above a stream's writes (``max_chunk``, 256 KiB, and gunicorn's
     framed copy of it): mapped, each write cost a fresh mmap, its page faults and an munmap,
-    about a fifth of a fast stream's time (bench/PROFILE.md). Skipped where the C library is
+    about a fifth of a fast stream's time; trimmed at 128 KiB, the heap's top was given back
+    and faulted in again for every write (bench/PROFILE.md). Skipped where the C library is
     not glibc.
     """
     import ctypes
@@ -203,8 +207,11 @@ def post_fork(server: Server, worker: Worker) -> None:
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3  # glibc's malloc.h
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
         libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+        # Fixing one threshold fixes the other at its 128 KiB default: every write freed at
+        # the heap's top was then given back and faulted in again by the next one.
+        libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)
     except (OSError, AttributeError):
         server.log.debug("mallopt unavailable; keeping the C library's defaults")
 
