@@ -792,11 +792,16 @@ class GeventWriter(StreamWriter):
         reason = self._pacer.close()
         self._wake_producer()
         self._stop_heartbeat()
-        if self._producer is not None:
-            self._producer.kill(block=True, timeout=5)
-        else:
+        producer = self._producer
+        if producer is not None:
+            producer.kill(block=True, timeout=5)
+        if producer is None or producer.dead:
             # Inline (or never started, or stopped before a producer could take it over):
-            # suspended at a yield, so its ``finally`` runs here.
+            # suspended at a yield, so its ``finally`` runs here. A producer killed before it
+            # first ran never runs at all (gevent unschedules it), so its ``finally`` cannot
+            # close the generator: closing here again is a no-op once it did. A producer still
+            # alive after the kill's timeout is inside the generator, which cannot be closed
+            # from outside while it runs.
             close_iterator(self._items)
         if self._watcher is not None:
             self._watcher.stop()
