@@ -150,6 +150,10 @@ def stream_response(
             format = negotiate(request.headers.get("Accept"), request.args.get("format"))
         except NegotiationError as exc:
             status_code = 400 if request.args.get("format") is not None else 406
+            # No stream will run it: what the caller opened for it (a subscription) ends now.
+            close_iterator(iter(iterable))
+            if on_close is not None:
+                on_close("refused")
             return error_response(status_code, "not_acceptable", str(exc))
     encoder = encoder_for(format)
     if heartbeat is None:

@@ -202,6 +202,34 @@ def test_not_acceptable_is_406_json() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("query", "status"), [("", 406), ("?format=xml", 400)], ids=["accept", "format"]
+)
+def test_a_refused_stream_closes_its_generator_and_calls_on_close(query: str, status: int) -> None:
+    # What the caller opened before the refusal (a subscription) must end with it.
+    finished: list[str] = []
+    reasons: list[str] = []
+
+    def subscription() -> Iterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            finished.append("finally")
+
+    def running() -> Iterator[int]:
+        items = subscription()
+        next(items)  # running, as a caller that primed it (or stream_with_context) leaves it
+        return items
+
+    app = make_app(running, on_close=reasons.append)
+    resp = app.test_client().get("/s" + query, headers={"Accept": "text/html"})
+    assert resp.status_code == status
+    assert resp.json["error"]["code"] == "not_acceptable"
+    assert finished == ["finally"]
+    assert reasons == ["refused"]
+
+
 def test_shut_down_sends_retry_hint_and_ends() -> None:
     release = threading.Event()
 
