@@ -120,14 +120,21 @@ class Registry:
             self.retry_base = retry_ms
         if retry_window_ms is not None:
             self.retry_window = retry_window_ms
-        for callback in self.callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("shutdown callback %r failed", callback)
-        streams = list(self.open)
-        for s in streams:
-            s.shut_down()
+        try:
+            for callback in self.callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("shutdown callback %r failed", callback)
+        finally:
+            # Even if a callback was interrupted (a gevent Timeout, GreenletExit) or one stream
+            # fails to stop: every other stream still ends, or its client waits out the kill.
+            streams = list(self.open)
+            for s in streams:
+                try:
+                    s.shut_down()
+                except Exception:
+                    log.exception("shutting down stream %r failed", s)
         return len(streams)
 
     def retry_ms(self) -> int:

@@ -1,4 +1,5 @@
-"""Units of the writer's end: the app's generator is closed however the stream ends.
+"""Units of the end of streams: the app's generator is closed however a stream ends, and a
+worker's shutdown ends every open stream.
 
 A gevent runner's producer greenlet closes the generator in its ``finally``; one killed before it
 first ran never runs at all, so ``close`` must close the generator itself. Driven without a
@@ -14,7 +15,7 @@ import pytest
 from stream.encoders import encoder_for
 from stream.formats import NDJSON
 from stream.pacing import State, Transport
-from stream.runners import GeventWriter
+from stream.runners import GeventWriter, Registry
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -76,3 +77,36 @@ def test_a_producer_that_ran_closes_the_generator_once() -> None:
     assert b"".join(writer) == b'{"n":1}\n'
     writer.close()
     assert sub.closed
+
+
+class Stream:
+    """A registry's view of an open stream: something to shut down."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.fails = fails
+        self.shut = False
+
+    def shut_down(self) -> None:
+        self.shut = True
+        if self.fails:
+            raise RuntimeError("cannot stop")
+
+
+def test_a_shutdown_ends_every_stream_even_if_a_callback_is_interrupted() -> None:
+    import gevent
+
+    registry = Registry()
+    streams = [Stream(), Stream(fails=True), Stream()]
+    registry.open = set(streams)  # type: ignore[arg-type]
+
+    def failing() -> None:
+        raise ValueError("broken callback")
+
+    def interrupted() -> None:
+        raise gevent.Timeout(1)  # a BaseException: the loop over callbacks stops here
+
+    registry.callbacks = [failing, interrupted]
+    with pytest.raises(gevent.Timeout):
+        registry.shutdown()
+    assert registry.shutting_down
+    assert all(s.shut for s in streams)
