@@ -609,7 +609,10 @@ class GeventWriter(StreamWriter):
                 buf.clear()
                 self._size = 0
                 self._wake_producer()
-                pacer.drained(self._events, waited, self._handler is not None)
+                if self._handler is not None:
+                    # Only a stream that ran inline may go back to it (a stream started as a
+                    # producer - TLS, uwsgi, HTTP/2 - never does): only it counts slow drains.
+                    pacer.drained(self._events, waited, True)
                 pacer.wrote(time.monotonic())
                 return self._sent(data)
             if pacer.state is State.INLINE:
