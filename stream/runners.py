@@ -30,7 +30,6 @@ producer checks at every batch it seals whether the stream stops.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -91,10 +90,6 @@ _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "P
 #: the 30 s cap clients put on ``retry:``.
 SHUTDOWN_RETRY_MS = 3000
 SHUTDOWN_RETRY_WINDOW_MS = 7000
-
-#: the buffer's "lock" under gevent: the producer and the writer are greenlets of one thread and
-#: only switch inside a wait, so a real lock per stream would be memory spent on nothing
-_NO_LOCK: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
 
 class Registry:
@@ -175,7 +170,6 @@ class StreamWriter:
     # A worker holds thousands of these at once: no per-instance __dict__.
     __slots__ = (
         "_items",
-        "_encoder",
         "_encode",
         "_dumps",
         "_frame_docs",
@@ -217,7 +211,6 @@ class StreamWriter:
         on_close: Callable[[str], None] | None = None,
     ) -> None:
         self._items = items
-        self._encoder = encoder
         if envelopes:
             self._encode: Callable[[Any], bytes] = encoder.encode_envelope
             self._dumps: Callable[[Any], bytes] = encoder.encode_envelope
@@ -251,10 +244,6 @@ class StreamWriter:
 
     def __next__(self) -> bytes:
         raise NotImplementedError
-
-    @property
-    def state(self) -> State:
-        return self._pacer.state
 
     # -- stopping (both runners) --------------------------------------------------------------
 
