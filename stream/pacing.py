@@ -139,7 +139,6 @@ class Pacer:
     __slots__ = (
         "state",
         "reason",
-        "finished",
         "_encoder",
         "heartbeat",
         "_tail",
@@ -154,7 +153,6 @@ class Pacer:
     def __init__(self, encoder: Encoder, heartbeat: float) -> None:
         self.state = State.IDLE
         self.reason = "end"
-        self.finished = False  # the generator ran to its end (normally or with an error)
         self._encoder = encoder
         self.heartbeat = heartbeat
         self._tail = b""
@@ -250,12 +248,10 @@ class Pacer:
 
     def finish(self) -> bool:
         """The generator returned."""
-        self.finished = True
         return self._go(Input.FINISHED)
 
     def fail(self, code: str, message: str) -> bool:
         """The generator raised: the body ends with the contract's error event (once)."""
-        self.finished = True
         if not self._go(Input.FAILED):
             return False
         self._tail += self._encoder.error(code, message)
@@ -264,7 +260,6 @@ class Pacer:
     def unfinished(self, reason: str, retry_ms: int) -> bool:
         """The generator ended its stream before its end: a clean end that clients resume
         from (SSE first gets a ``retry:`` hint, the mark of an unfinished end)."""
-        self.finished = True
         if not self._go(Input.UNFINISHED):
             return False
         self.reason = reason
@@ -292,8 +287,8 @@ class Pacer:
     def close(self) -> str:
         """The server closed the response; returns the stream's final reason."""
         if self.state is not State.ENDING and self.state is not State.CLOSED:
-            # Closed while it ran: the server's write failed (or the client left unseen).
-            if not self.finished:
-                self.reason = "disconnect"
+            # Closed while it ran (a generator's end, error or unfinished end would have moved it
+            # to ENDING): the server's write failed, or the client left unseen.
+            self.reason = "disconnect"
         self._go(Input.CLOSE)
         return self.reason
