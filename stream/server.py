@@ -99,11 +99,8 @@ def detect_transport(environ: Mapping[str, Any], headers: Mapping[str, str]) -> 
     """
     sock = environ.get("gunicorn.socket")
     protocol = str(environ.get("SERVER_PROTOCOL", "HTTP/1.1"))
-    multiplexed = (
-        environ.get("HTTP_VERSION") == "2"
-        or protocol.startswith("HTTP/2")
-        or "gunicorn.http2.send_trailers" in environ
-    )
+    # Not HTTP_VERSION: that is a request header ("Version:") any client may send.
+    multiplexed = protocol.startswith("HTTP/2") or "gunicorn.http2.send_trailers" in environ
     # ssl.SSLSocket and gevent's SSLSocket both have do_handshake; a plain socket has not.
     tls = sock is not None and hasattr(sock, "do_handshake")
     framing = None
