@@ -167,8 +167,14 @@ class NDJSONDecoder:
 
     def pending(self) -> bool:
         """Whether part of a value has arrived and its line has not ended (whitespace is none)."""
+        tail = self._tail
+        if not tail:
+            return False  # the usual case, asked after every read: no generator for nothing
         search = _NOT_WHITESPACE.search
-        return any(search(piece) is not None for piece in self._tail)
+        for piece in tail:
+            if search(piece) is not None:
+                return True
+        return False
 
 
 def _decode_slowly(lines: list[bytes], first: int) -> list[Any]:

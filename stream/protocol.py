@@ -595,8 +595,10 @@ class StreamState:
         ``opened``. ``read_timeout`` also bounds the time from one item to the next (an
         event or a keep-alive): ``clock`` is the shell's monotonic clock in seconds."""
         feed = self.feed
-        pending = self.pending
         while not self.ended:
+            # Bound once per response (``opened`` picked its decoder): asked after every read.
+            assert self._decoder is not None, "opened() first"
+            pending = self._decoder.pending
             cause: BaseException | None = None
             deadline = 0.0  # while part of an item is held: when it must be complete
             while True:
