@@ -254,15 +254,15 @@ class _Reader:
     async def run(self) -> AsyncGenerator[Iterable[Any], None]:
         """The batches of values (or Events) of the whole stream, across reconnections."""
         read_timeout = self._timeout.read
-        on_bytes = self._hooks.on_bytes
-        on_reconnect = self._hooks.on_reconnect
         try:
             if self.response is None:
                 if self.closed:
                     return
                 await self.open()
             loop = asyncio.get_running_loop()
-            driver = self._state.drive(read_timeout=read_timeout, clock=loop.time)
+            driver = self._state.drive(
+                read_timeout=read_timeout, clock=loop.time, hooks=self._hooks
+            )
             answer: Any = None
             error: StreamError | None = None
             chunks: AsyncIterator[bytes] | None = None
@@ -308,11 +308,8 @@ class _Reader:
                     except httpx.HTTPError as exc:
                         # A broken Content-Encoding, say: not a cut, and resuming would not help.
                         raise _translate(exc) from exc
-                    if not answer:
-                        if self.closed:
-                            return
-                    elif on_bytes is not None:
-                        on_bytes(answer)
+                    if not answer and self.closed:
+                        return
                 elif isinstance(command, Deliver):
                     yield command.batch
                     answer = None
@@ -321,8 +318,6 @@ class _Reader:
                         await _close(self.response)
                     answer = None
                 elif isinstance(command, Pause):
-                    if on_reconnect is not None:
-                        on_reconnect(command.attempt, command.seconds, command.cause)
                     await asyncio.sleep(command.seconds)
                     if self.closed:
                         return

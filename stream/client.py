@@ -335,14 +335,14 @@ class _Reader:
     def run(self) -> Generator[Iterable[Any], None, None]:
         """The batches of values (or Events) of the whole stream, across reconnections."""
         read_timeout = _read_timeout(self._timeout)
-        on_bytes = self._hooks.on_bytes
-        on_reconnect = self._hooks.on_reconnect
         try:
             if self.response is None:
                 if self._closed:
                     return
                 self.open()
-            driver = self._state.drive(read_timeout=read_timeout, clock=time.monotonic)
+            driver = self._state.drive(
+                read_timeout=read_timeout, clock=time.monotonic, hooks=self._hooks
+            )
             answer: Any = None
             error: StreamError | None = None
             read1: Callable[..., bytes] | None = None
@@ -389,11 +389,8 @@ class _Reader:
                         if self._closed:
                             return
                         raise
-                    if not answer:
-                        if self._closed:
-                            return
-                    elif on_bytes is not None:
-                        on_bytes(answer)
+                    if not answer and self._closed:
+                        return
                 elif isinstance(command, Deliver):
                     yield command.batch
                     answer = None
@@ -402,8 +399,6 @@ class _Reader:
                         _close(self.response)
                     answer = None
                 elif isinstance(command, Pause):
-                    if on_reconnect is not None:
-                        on_reconnect(command.attempt, command.seconds, command.cause)
                     time.sleep(command.seconds)
                     if self._closed:
                         return

@@ -7,7 +7,7 @@ is the whole connect/read/resume loop as a generator of I/O commands (the sans-I
 h11 and httpcore): each client is a thin shell that performs them and sends back the result::
 
     state.opened(*connect())                     # the first request (also from __enter__)
-    driver = state.drive(read_timeout=read, clock=time.monotonic)
+    driver = state.drive(read_timeout=read, clock=time.monotonic, hooks=hooks)
     answer = None
     while True:
         command = driver.send(answer)            # StopIteration: the stream ended normally
@@ -589,12 +589,20 @@ class StreamState:
             self.start(content_type, response)
 
     def drive(
-        self, *, read_timeout: float | None, clock: Callable[[], float]
+        self,
+        *,
+        read_timeout: float | None,
+        clock: Callable[[], float],
+        hooks: Hooks = NO_HOOKS,
     ) -> Generator[Command, Any, None]:
         """The connect/read/resume loop, as I/O commands (module docstring); starts after
         ``opened``. ``read_timeout`` also bounds the time from one item to the next (an
-        event or a keep-alive): ``clock`` is the shell's monotonic clock in seconds."""
+        event or a keep-alive): ``clock`` is the shell's monotonic clock in seconds.
+        ``hooks.on_bytes`` sees each read's bytes before they are decoded and
+        ``hooks.on_reconnect`` each ``Pause`` before the shell waits it out."""
         feed = self.feed
+        on_bytes = hooks.on_bytes
+        on_reconnect = hooks.on_reconnect
         while not self.ended:
             # Bound once per response (``opened`` picked its decoder): asked after every read.
             assert self._decoder is not None, "opened() first"
@@ -616,6 +624,8 @@ class StreamState:
                     break
                 if not got:
                     break
+                if on_bytes is not None:
+                    on_bytes(got)
                 out = feed(got)
                 if out:
                     yield Deliver(out)
@@ -641,6 +651,8 @@ class StreamState:
             if delay is None:
                 return
             while True:
+                if on_reconnect is not None:
+                    on_reconnect(self.policy.attempts, delay, cause)
                 yield Pause(delay, self.policy.attempts, cause)
                 try:
                     status, content_type, response = yield _CONNECT

@@ -23,6 +23,7 @@ from stream.protocol import (
     Connect,
     Cut,
     Deliver,
+    Hooks,
     Pause,
     Read,
     ReconnectPolicy,
@@ -655,11 +656,16 @@ def run_driver(
     *,
     read_timeout: float | None = None,
     clock: Any = None,
+    hooks: Hooks | None = None,
 ) -> list[Any]:
     """Perform the driver's commands from a script: each Read or Connect takes the next answer
     (an exception is thrown into the driver); return the commands as short tuples."""
     now = [0.0]
-    driver = state.drive(read_timeout=read_timeout, clock=clock or (lambda: now[0]))
+    clock = clock or (lambda: now[0])
+    if hooks is None:
+        driver = state.drive(read_timeout=read_timeout, clock=clock)
+    else:
+        driver = state.drive(read_timeout=read_timeout, clock=clock, hooks=hooks)
     seen: list[Any] = []
     answer: Any = None
     error: BaseException | None = None
@@ -727,6 +733,40 @@ def test_driver_resumes_a_cut_and_retries_a_503() -> None:
         ("deliver", []),
     ]
     assert state.ended and state.request_headers() == {"Last-Event-ID": b"2"}
+
+
+def test_driver_calls_the_hooks_in_the_order_of_its_commands() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0, initial=1.0))
+    seen: list[Any] = []
+    cut = OSError("reset")
+    hooks = Hooks(
+        on_bytes=lambda data: seen.append(("bytes", data)),
+        on_reconnect=lambda attempt, delay, cause: seen.append(("reconnect", attempt, cause)),
+    )
+    answers = [
+        b'{"id": "1", "event": "message", "data": 1}\n',
+        Cut(cut),
+        (200, NDJSON, None),
+        b" ",
+        b'{"id": "2", "event": "end", "data": null}\n',
+    ]
+    commands = run_driver(state, answers, hooks=hooks)
+    assert commands[:6] == [
+        ("read", None),
+        ("deliver", [1]),
+        ("read", None),
+        ("release",),
+        ("pause", 0.0, 1),
+        ("connect",),
+    ]
+    # The bytes of every read (a keep-alive too) before they were decoded; no bytes for the cut
+    # or the clean end; the reconnection announced with the cause of the pause that follows it.
+    assert seen == [
+        ("bytes", b'{"id": "1", "event": "message", "data": 1}\n'),
+        ("reconnect", 1, cut),
+        ("bytes", b" "),
+        ("bytes", b'{"id": "2", "event": "end", "data": null}\n'),
+    ]
 
 
 def test_driver_raises_a_status_that_resuming_cannot_fix() -> None:
