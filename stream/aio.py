@@ -244,11 +244,11 @@ class _Reader:
         """The first request: send it and start the body (or raise, the response closed)."""
         status, content_type, response = await self._connect()
         try:
-            self._state.opened(status, content_type, response)
+            body = self._state.opened(status, content_type, response)
         except StreamError:
             await _close(response)
             raise
-        if status == 204:
+        if not body:
             await _close(response)
 
     async def run(self) -> AsyncGenerator[Iterable[Any], None]:

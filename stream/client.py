@@ -325,11 +325,11 @@ class _Reader:
         """The first request: send it and start the body (or raise, the response closed)."""
         status, content_type, response = self._connect()
         try:
-            self._state.opened(status, content_type, response)
+            body = self._state.opened(status, content_type, response)
         except StreamError:
             _close(response)
             raise
-        if status == 204:
+        if not body:
             _close(response)
 
     def run(self) -> Generator[Iterable[Any], None, None]:

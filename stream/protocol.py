@@ -6,7 +6,8 @@ lives for one ``stream()``/``events()`` call, across reconnections, and ``Stream
 is the whole connect/read/resume loop as a generator of I/O commands (the sans-I/O pattern of
 h11 and httpcore): each client is a thin shell that performs them and sends back the result::
 
-    state.opened(*connect())                     # the first request (also from __enter__)
+    if not state.opened(*connect()):             # the first request (also from __enter__);
+        close(response)                          # a 204: no body, the stream already ended
     driver = state.drive(read_timeout=read, clock=time.monotonic, hooks=hooks)
     answer = None
     while True:
@@ -580,13 +581,17 @@ class StreamState:
         """The server answered ``204 No Content``: nothing (more) to read, the stream ended."""
         self._end()
 
-    def opened(self, status: int, content_type: str | None, response: Any = None) -> None:
-        """A 2xx answer arrived: ``204`` ends the stream, else pick the decoder (or raise)."""
+    def opened(self, status: int, content_type: str | None, response: Any = None) -> bool:
+        """A 2xx answer arrived: ``204`` ends the stream, else pick the decoder (or raise).
+
+        Returns whether a body follows: False (a 204) tells the shell to close the response.
+        """
         if status == 204:
             # No Content: the answer to a resume after the stream's final event.
             self.no_content()
-        else:
-            self.start(content_type, response)
+            return False
+        self.start(content_type, response)
+        return True
 
     def drive(
         self,
@@ -664,6 +669,8 @@ class StreamState:
                     cause = exc
                 else:
                     try:
+                        # A 204 (no body) ended the stream: the driver returns and the shell
+                        # closes the response it was left holding, as at any return.
                         self.opened(status, content_type, response)
                     except StreamError:
                         yield _RELEASE

@@ -570,6 +570,15 @@ def test_no_content_ends_the_stream() -> None:
     assert state.ended and state.disconnected(clean=True) is None
 
 
+def test_opened_says_whether_a_body_follows() -> None:
+    no_content = StreamState(VALUES)
+    assert no_content.opened(204, None) is False
+    assert no_content.ended and no_content.media_type is None
+    ok = StreamState(VALUES)
+    assert ok.opened(200, NDJSON) is True
+    assert not ok.ended and ok.media_type == NDJSON
+
+
 def test_sse_done_ends_stream_and_events() -> None:
     values = started(SSE)
     assert drive(values, b"data: 1\n\ndata: [DONE]\n\ndata: 2\n\n") == [1]
