@@ -66,7 +66,7 @@ from .protocol import (
     Read,
     Release,
     StreamState,
-    cross_origin,
+    drop_on_redirect,
     http_status_error,
     join_url,
     new_state,
@@ -170,9 +170,7 @@ async def _send(
             raise httpx.TooManyRedirects(
                 f"more than {client.max_redirects} redirects", request=request
             )
-        if strip and cross_origin(str(request.url), str(following.url)):
-            for name in strip:
-                following.headers.pop(name, None)
+        drop_on_redirect(following.headers, strip, str(request.url), str(following.url))
         request = following
 
 

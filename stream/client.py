@@ -67,7 +67,7 @@ from .protocol import (
     Read,
     Release,
     StreamState,
-    cross_origin,
+    drop_on_redirect,
     http_status_error,
     join_url,
     new_state,
@@ -233,9 +233,7 @@ def _redirect_hook(names: Collection[str]) -> Callable[..., requests.Response]:
         request = response.request
         if location and request is not None and request.url:
             target = urljoin(response.url or request.url, location)
-            if cross_origin(request.url, target):
-                for name in names:
-                    request.headers.pop(name, None)
+            drop_on_redirect(request.headers, names, request.url, target)
         return response
 
     return hook

@@ -87,7 +87,15 @@ Deliberate rules (the wire formats leave them open; keep them unless the server 
 from __future__ import annotations
 
 import random as _random
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import (
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final, Literal, Protocol
@@ -145,6 +153,7 @@ __all__ = [
     "StreamState",
     "accept_header",
     "cross_origin",
+    "drop_on_redirect",
     "http_status_error",
     "join_url",
     "new_state",
@@ -297,6 +306,16 @@ def cross_origin(url: str, target: str) -> bool:
         return _origin(urlsplit(url)) != _origin(urlsplit(target))
     except ValueError:  # a port that is no number: not the same origin
         return True
+
+
+def drop_on_redirect(
+    headers: MutableMapping[str, Any], names: Collection[str], url: str, target: str
+) -> None:
+    """Remove ``names`` (``stripped_on_redirect``) from ``headers``, those of the request that
+    follows a redirect from ``url`` to ``target``, when ``target`` is on another origin."""
+    if names and cross_origin(url, target):
+        for name in names:
+            headers.pop(name, None)
 
 
 def join_url(base_url: str, path: str) -> str:

@@ -30,6 +30,7 @@ from stream.protocol import (
     Release,
     StreamState,
     accept_header,
+    drop_on_redirect,
     http_status_error,
     media_type,
     remote_error,
@@ -568,6 +569,23 @@ def test_no_content_ends_the_stream() -> None:
     state = started(NDJSON, last_event_id="9")
     state.no_content()
     assert state.ended and state.disconnected(clean=True) is None
+
+
+@pytest.mark.parametrize(
+    ("target", "dropped"),
+    [
+        pytest.param("http://a.test/next", False, id="same-origin"),
+        pytest.param("http://a.test:80/next", False, id="default-port-spelled"),
+        pytest.param("https://a.test/next", True, id="other-scheme"),
+        pytest.param("http://b.test/next", True, id="other-host"),
+        pytest.param("http://a.test:8080/next", True, id="other-port"),
+    ],
+)
+def test_drop_on_redirect_only_across_origins(target: str, dropped: bool) -> None:
+    headers: dict[str, Any] = {"Authorization": "secret", "Accept": "x"}
+    drop_on_redirect(headers, {"Authorization", "X-Absent"}, "http://a.test/start", target)
+    expected = {"Accept": "x"} if dropped else {"Authorization": "secret", "Accept": "x"}
+    assert headers == expected
 
 
 def test_opened_says_whether_a_body_follows() -> None:
