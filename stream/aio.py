@@ -80,8 +80,6 @@ __all__ = ["AsyncClient", "AsyncStream"]
 
 T = TypeVar("T")
 
-#: statuses that a resuming request waits out (a deploy in progress, an overloaded router)
-
 Timeout = float | tuple[float, float] | tuple[float, None] | httpx.Timeout | None
 
 #: a cut connection while reading the body: a reset, or a body that ended before its framing did

@@ -84,8 +84,6 @@ T = TypeVar("T")
 #: bytes asked of each ``read1``: large, so a busy stream costs few calls; ``read1`` returns early
 READ_SIZE = 256 * 1024
 
-#: statuses that a resuming request waits out (a deploy in progress, an overloaded router)
-
 Timeout = float | tuple[float, float] | tuple[float, None] | None
 
 #: a cut connection while reading the body (urllib3 wraps socket errors in ProtocolError)
