@@ -58,6 +58,7 @@ from .protocol import (
     EVENTS,
     NO_HOOKS,
     VALUES,
+    ClientSettings,
     Cut,
     Deliver,
     Hooks,
@@ -68,8 +69,6 @@ from .protocol import (
     StreamState,
     drop_on_redirect,
     http_status_error,
-    join_url,
-    new_state,
     publish_ids,
     publish_request,
     request_headers,
@@ -399,7 +398,7 @@ class AsyncStream(Generic[T]):
             await _close(reader.response)
 
 
-class AsyncClient:
+class AsyncClient(ClientSettings):
     """A streaming client for one service (``base_url``), on one ``httpx.AsyncClient``.
 
     Keywords: ``session``/``client`` (created and closed by this client when not given),
@@ -433,7 +432,14 @@ class AsyncClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        super().__init__(
+            base_url,
+            reconnect=reconnect,
+            headers=headers,
+            max_attempts=max_attempts,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
         self._owns_client = client is None
         self.client = (
             client
@@ -444,11 +450,6 @@ class AsyncClient:
             )
         )
         self.timeout = timeout
-        self.reconnect = reconnect
-        self.headers: dict[str, str] = dict(headers or {})
-        self.max_attempts = max_attempts
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -460,10 +461,6 @@ class AsyncClient:
         """Close the httpx client if this client created it."""
         if self._owns_client:
             await self.client.aclose()
-
-    def url(self, path: str) -> str:
-        """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
-        return join_url(self.base_url, path)
 
     def stream(
         self,
@@ -544,14 +541,8 @@ class AsyncClient:
         hooks: Hooks = NO_HOOKS,
     ) -> AsyncStream[Any]:
         merged = request_headers(self.headers, headers, format)
-        state = new_state(
-            mode,
-            last_event_id=last_event_id,
-            reconnect=reconnect if reconnect is not None else self.reconnect,
-            on_reset=on_reset,
-            max_attempts=self.max_attempts,
-            backoff_initial=self.backoff_initial,
-            backoff_max=self.backoff_max,
+        state = self._new_state(
+            mode, last_event_id=last_event_id, reconnect=reconnect, on_reset=on_reset
         )
         reader = _Reader(
             self.client,

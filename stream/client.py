@@ -59,6 +59,7 @@ from .protocol import (
     EVENTS,
     NO_HOOKS,
     VALUES,
+    ClientSettings,
     Cut,
     Deliver,
     Hooks,
@@ -69,8 +70,6 @@ from .protocol import (
     StreamState,
     drop_on_redirect,
     http_status_error,
-    join_url,
-    new_state,
     publish_ids,
     publish_request,
     request_headers,
@@ -478,7 +477,7 @@ def _status_error(response: requests.Response) -> HTTPStatusError:
     return http_status_error(response.status_code, response.reason or "", body, response)
 
 
-class Client:
+class Client(ClientSettings):
     """A streaming client for one service (``base_url``), on one ``requests.Session``.
 
     Keywords: ``session``/``client`` (created and closed by this client when not given),
@@ -513,7 +512,14 @@ class Client:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        super().__init__(
+            base_url,
+            reconnect=reconnect,
+            headers=headers,
+            max_attempts=max_attempts,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
         self._owns_session = session is None
         if session is None:
             session = requests.Session()
@@ -521,11 +527,6 @@ class Client:
             session.mount("https://", DeadlineAdapter())
         self.session = session
         self.timeout = timeout
-        self.reconnect = reconnect
-        self.headers: dict[str, str] = dict(headers or {})
-        self.max_attempts = max_attempts
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
 
     def __enter__(self) -> Client:
         return self
@@ -537,10 +538,6 @@ class Client:
         """Close the session if this client created it."""
         if self._owns_session:
             self.session.close()
-
-    def url(self, path: str) -> str:
-        """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
-        return join_url(self.base_url, path)
 
     def stream(
         self,
@@ -621,14 +618,8 @@ class Client:
         hooks: Hooks = NO_HOOKS,
     ) -> Stream[Any]:
         merged: dict[str, str | bytes] = {**request_headers(self.headers, headers, format)}
-        state = new_state(
-            mode,
-            last_event_id=last_event_id,
-            reconnect=reconnect if reconnect is not None else self.reconnect,
-            on_reset=on_reset,
-            max_attempts=self.max_attempts,
-            backoff_initial=self.backoff_initial,
-            backoff_max=self.backoff_max,
+        state = self._new_state(
+            mode, last_event_id=last_event_id, reconnect=reconnect, on_reset=on_reset
         )
         reader = _Reader(
             self.session,

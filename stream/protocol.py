@@ -137,6 +137,7 @@ __all__ = [
     "ACCEPT_ANY",
     "EVENTS",
     "NO_HOOKS",
+    "ClientSettings",
     "Command",
     "Connect",
     "Cut",
@@ -379,6 +380,52 @@ def new_state(
     return StreamState(
         mode, last_event_id=last_event_id, reconnect=reconnect, on_reset=on_reset, policy=policy
     )
+
+
+class ClientSettings:
+    """The settings both clients keep between calls (their keywords, no I/O): the base URL,
+    the headers sent with every request, resuming and its backoff. ``timeout`` is each
+    client's own (the transports spell it differently)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        reconnect: bool | None,
+        headers: Mapping[str, str] | None,
+        max_attempts: int | None,
+        backoff_initial: float,
+        backoff_max: float,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.reconnect = reconnect
+        self.headers: dict[str, str] = dict(headers or {})
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+
+    def url(self, path: str) -> str:
+        """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
+        return join_url(self.base_url, path)
+
+    def _new_state(
+        self,
+        mode: Mode,
+        *,
+        last_event_id: str | None,
+        reconnect: bool | None,
+        on_reset: Callable[[Event], object] | None,
+    ) -> StreamState:
+        """The state of one call: its own ``reconnect`` if given, else the client's."""
+        return new_state(
+            mode,
+            last_event_id=last_event_id,
+            reconnect=reconnect if reconnect is not None else self.reconnect,
+            on_reset=on_reset,
+            max_attempts=self.max_attempts,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+        )
 
 
 @dataclass(slots=True)
