@@ -39,12 +39,7 @@ def __getattr__(name: str) -> Any:
     # Importing a pure module (stream.sse, say) runs this package first: keep requests and Flask
     # out of it until they are asked for.
     if name in ("Client", "Stream"):
-        try:
-            from . import client
-        except ModuleNotFoundError as exc:
-            from ._extras import missing
-
-            raise missing("client", exc) from exc
+        from . import client  # without requests: an error that names the extra (client.py)
 
         return getattr(client, name)
     if name == "stream_response":

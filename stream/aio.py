@@ -58,6 +58,7 @@ from .protocol import (
     EVENTS,
     NO_HOOKS,
     VALUES,
+    ClientSettings,
     Cut,
     Deliver,
     Hooks,
@@ -66,10 +67,8 @@ from .protocol import (
     Read,
     Release,
     StreamState,
-    cross_origin,
+    drop_on_redirect,
     http_status_error,
-    join_url,
-    new_state,
     publish_ids,
     publish_request,
     request_headers,
@@ -79,8 +78,6 @@ from .protocol import (
 __all__ = ["AsyncClient", "AsyncStream"]
 
 T = TypeVar("T")
-
-#: statuses that a resuming request waits out (a deploy in progress, an overloaded router)
 
 Timeout = float | tuple[float, float] | tuple[float, None] | httpx.Timeout | None
 
@@ -170,9 +167,7 @@ async def _send(
             raise httpx.TooManyRedirects(
                 f"more than {client.max_redirects} redirects", request=request
             )
-        if strip and cross_origin(str(request.url), str(following.url)):
-            for name in strip:
-                following.headers.pop(name, None)
+        drop_on_redirect(following.headers, strip, str(request.url), str(following.url))
         request = following
 
 
@@ -244,25 +239,25 @@ class _Reader:
         """The first request: send it and start the body (or raise, the response closed)."""
         status, content_type, response = await self._connect()
         try:
-            self._state.opened(status, content_type, response)
+            body = self._state.opened(status, content_type, response)
         except StreamError:
             await _close(response)
             raise
-        if status == 204:
+        if not body:
             await _close(response)
 
     async def run(self) -> AsyncGenerator[Iterable[Any], None]:
         """The batches of values (or Events) of the whole stream, across reconnections."""
         read_timeout = self._timeout.read
-        on_bytes = self._hooks.on_bytes
-        on_reconnect = self._hooks.on_reconnect
         try:
             if self.response is None:
                 if self.closed:
                     return
                 await self.open()
             loop = asyncio.get_running_loop()
-            driver = self._state.drive(read_timeout=read_timeout, clock=loop.time)
+            driver = self._state.drive(
+                read_timeout=read_timeout, clock=loop.time, hooks=self._hooks
+            )
             answer: Any = None
             error: StreamError | None = None
             chunks: AsyncIterator[bytes] | None = None
@@ -308,11 +303,8 @@ class _Reader:
                     except httpx.HTTPError as exc:
                         # A broken Content-Encoding, say: not a cut, and resuming would not help.
                         raise _translate(exc) from exc
-                    if not answer:
-                        if self.closed:
-                            return
-                    elif on_bytes is not None:
-                        on_bytes(answer)
+                    if not answer and self.closed:
+                        return
                 elif isinstance(command, Deliver):
                     yield command.batch
                     answer = None
@@ -321,8 +313,6 @@ class _Reader:
                         await _close(self.response)
                     answer = None
                 elif isinstance(command, Pause):
-                    if on_reconnect is not None:
-                        on_reconnect(command.attempt, command.seconds, command.cause)
                     await asyncio.sleep(command.seconds)
                     if self.closed:
                         return
@@ -408,7 +398,7 @@ class AsyncStream(Generic[T]):
             await _close(reader.response)
 
 
-class AsyncClient:
+class AsyncClient(ClientSettings):
     """A streaming client for one service (``base_url``), on one ``httpx.AsyncClient``.
 
     Keywords: ``session``/``client`` (created and closed by this client when not given),
@@ -442,7 +432,14 @@ class AsyncClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        super().__init__(
+            base_url,
+            reconnect=reconnect,
+            headers=headers,
+            max_attempts=max_attempts,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
         self._owns_client = client is None
         self.client = (
             client
@@ -453,11 +450,6 @@ class AsyncClient:
             )
         )
         self.timeout = timeout
-        self.reconnect = reconnect
-        self.headers: dict[str, str] = dict(headers or {})
-        self.max_attempts = max_attempts
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -469,10 +461,6 @@ class AsyncClient:
         """Close the httpx client if this client created it."""
         if self._owns_client:
             await self.client.aclose()
-
-    def url(self, path: str) -> str:
-        """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
-        return join_url(self.base_url, path)
 
     def stream(
         self,
@@ -553,14 +541,8 @@ class AsyncClient:
         hooks: Hooks = NO_HOOKS,
     ) -> AsyncStream[Any]:
         merged = request_headers(self.headers, headers, format)
-        state = new_state(
-            mode,
-            last_event_id=last_event_id,
-            reconnect=reconnect if reconnect is not None else self.reconnect,
-            on_reset=on_reset,
-            max_attempts=self.max_attempts,
-            backoff_initial=self.backoff_initial,
-            backoff_max=self.backoff_max,
+        state = self._new_state(
+            mode, last_event_id=last_event_id, reconnect=reconnect, on_reset=on_reset
         )
         reader = _Reader(
             self.client,

@@ -59,6 +59,7 @@ from .protocol import (
     EVENTS,
     NO_HOOKS,
     VALUES,
+    ClientSettings,
     Cut,
     Deliver,
     Hooks,
@@ -67,10 +68,8 @@ from .protocol import (
     Read,
     Release,
     StreamState,
-    cross_origin,
+    drop_on_redirect,
     http_status_error,
-    join_url,
-    new_state,
     publish_ids,
     publish_request,
     request_headers,
@@ -83,8 +82,6 @@ T = TypeVar("T")
 
 #: bytes asked of each ``read1``: large, so a busy stream costs few calls; ``read1`` returns early
 READ_SIZE = 256 * 1024
-
-#: statuses that a resuming request waits out (a deploy in progress, an overloaded router)
 
 Timeout = float | tuple[float, float] | tuple[float, None] | None
 
@@ -233,9 +230,7 @@ def _redirect_hook(names: Collection[str]) -> Callable[..., requests.Response]:
         request = response.request
         if location and request is not None and request.url:
             target = urljoin(response.url or request.url, location)
-            if cross_origin(request.url, target):
-                for name in names:
-                    request.headers.pop(name, None)
+            drop_on_redirect(request.headers, names, request.url, target)
         return response
 
     return hook
@@ -325,24 +320,24 @@ class _Reader:
         """The first request: send it and start the body (or raise, the response closed)."""
         status, content_type, response = self._connect()
         try:
-            self._state.opened(status, content_type, response)
+            body = self._state.opened(status, content_type, response)
         except StreamError:
             _close(response)
             raise
-        if status == 204:
+        if not body:
             _close(response)
 
     def run(self) -> Generator[Iterable[Any], None, None]:
         """The batches of values (or Events) of the whole stream, across reconnections."""
         read_timeout = _read_timeout(self._timeout)
-        on_bytes = self._hooks.on_bytes
-        on_reconnect = self._hooks.on_reconnect
         try:
             if self.response is None:
                 if self._closed:
                     return
                 self.open()
-            driver = self._state.drive(read_timeout=read_timeout, clock=time.monotonic)
+            driver = self._state.drive(
+                read_timeout=read_timeout, clock=time.monotonic, hooks=self._hooks
+            )
             answer: Any = None
             error: StreamError | None = None
             read1: Callable[..., bytes] | None = None
@@ -389,11 +384,8 @@ class _Reader:
                         if self._closed:
                             return
                         raise
-                    if not answer:
-                        if self._closed:
-                            return
-                    elif on_bytes is not None:
-                        on_bytes(answer)
+                    if not answer and self._closed:
+                        return
                 elif isinstance(command, Deliver):
                     yield command.batch
                     answer = None
@@ -402,8 +394,6 @@ class _Reader:
                         _close(self.response)
                     answer = None
                 elif isinstance(command, Pause):
-                    if on_reconnect is not None:
-                        on_reconnect(command.attempt, command.seconds, command.cause)
                     time.sleep(command.seconds)
                     if self._closed:
                         return
@@ -487,7 +477,7 @@ def _status_error(response: requests.Response) -> HTTPStatusError:
     return http_status_error(response.status_code, response.reason or "", body, response)
 
 
-class Client:
+class Client(ClientSettings):
     """A streaming client for one service (``base_url``), on one ``requests.Session``.
 
     Keywords: ``session``/``client`` (created and closed by this client when not given),
@@ -522,7 +512,14 @@ class Client:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        super().__init__(
+            base_url,
+            reconnect=reconnect,
+            headers=headers,
+            max_attempts=max_attempts,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
         self._owns_session = session is None
         if session is None:
             session = requests.Session()
@@ -530,11 +527,6 @@ class Client:
             session.mount("https://", DeadlineAdapter())
         self.session = session
         self.timeout = timeout
-        self.reconnect = reconnect
-        self.headers: dict[str, str] = dict(headers or {})
-        self.max_attempts = max_attempts
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
 
     def __enter__(self) -> Client:
         return self
@@ -546,10 +538,6 @@ class Client:
         """Close the session if this client created it."""
         if self._owns_session:
             self.session.close()
-
-    def url(self, path: str) -> str:
-        """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
-        return join_url(self.base_url, path)
 
     def stream(
         self,
@@ -630,14 +618,8 @@ class Client:
         hooks: Hooks = NO_HOOKS,
     ) -> Stream[Any]:
         merged: dict[str, str | bytes] = {**request_headers(self.headers, headers, format)}
-        state = new_state(
-            mode,
-            last_event_id=last_event_id,
-            reconnect=reconnect if reconnect is not None else self.reconnect,
-            on_reset=on_reset,
-            max_attempts=self.max_attempts,
-            backoff_initial=self.backoff_initial,
-            backoff_max=self.backoff_max,
+        state = self._new_state(
+            mode, last_event_id=last_event_id, reconnect=reconnect, on_reset=on_reset
         )
         reader = _Reader(
             self.session,

@@ -49,7 +49,6 @@ _NOT_WHITESPACE: Final = re.compile(rb"[^ \t\r\n]")
 _DIGITS: Final = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 #: the shortest digit run that may be an integer orjson rounds (-2**63 - 1 has 19 digits)
 _RUN: Final = b"0" * 19
-_RUN_TEXT: Final = re.compile(r"[0-9]{19}")
 
 
 def long_digits(data: bytes) -> bool:
@@ -78,10 +77,10 @@ def decode_exact(text: bytes | str) -> Any:
             return loads_exact(text)
         except (ValueError, RecursionError):
             raise exc from None  # orjson's message says where the text went wrong
-    if isinstance(text, str):
-        if _RUN_TEXT.search(text) is not None:
-            return loads_exact(text)
-    elif _RUN in text.translate(_DIGITS):
+    # A str is checked as its UTF-8 bytes: encoding and one translate cost less than a regex
+    # scan of the str (orjson parsed it, so it holds no lone surrogate and encodes).
+    raw = text.encode() if isinstance(text, str) else text
+    if _RUN in raw.translate(_DIGITS):
         return loads_exact(text)
     return value
 
@@ -168,8 +167,14 @@ class NDJSONDecoder:
 
     def pending(self) -> bool:
         """Whether part of a value has arrived and its line has not ended (whitespace is none)."""
+        tail = self._tail
+        if not tail:
+            return False  # the usual case, asked after every read: no generator for nothing
         search = _NOT_WHITESPACE.search
-        return any(search(piece) is not None for piece in self._tail)
+        for piece in tail:
+            if search(piece) is not None:
+                return True
+        return False
 
 
 def _decode_slowly(lines: list[bytes], first: int) -> list[Any]:

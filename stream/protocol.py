@@ -6,8 +6,9 @@ lives for one ``stream()``/``events()`` call, across reconnections, and ``Stream
 is the whole connect/read/resume loop as a generator of I/O commands (the sans-I/O pattern of
 h11 and httpcore): each client is a thin shell that performs them and sends back the result::
 
-    state.opened(*connect())                     # the first request (also from __enter__)
-    driver = state.drive(read_timeout=read, clock=time.monotonic)
+    if not state.opened(*connect()):             # the first request (also from __enter__);
+        close(response)                          # a 204: no body, the stream already ended
+    driver = state.drive(read_timeout=read, clock=time.monotonic, hooks=hooks)
     answer = None
     while True:
         command = driver.send(answer)            # StopIteration: the stream ended normally
@@ -86,7 +87,15 @@ Deliberate rules (the wire formats leave them open; keep them unless the server 
 from __future__ import annotations
 
 import random as _random
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import (
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final, Literal, Protocol
@@ -128,6 +137,7 @@ __all__ = [
     "ACCEPT_ANY",
     "EVENTS",
     "NO_HOOKS",
+    "ClientSettings",
     "Command",
     "Connect",
     "Cut",
@@ -144,6 +154,7 @@ __all__ = [
     "StreamState",
     "accept_header",
     "cross_origin",
+    "drop_on_redirect",
     "http_status_error",
     "join_url",
     "new_state",
@@ -298,6 +309,16 @@ def cross_origin(url: str, target: str) -> bool:
         return True
 
 
+def drop_on_redirect(
+    headers: MutableMapping[str, Any], names: Collection[str], url: str, target: str
+) -> None:
+    """Remove ``names`` (``stripped_on_redirect``) from ``headers``, those of the request that
+    follows a redirect from ``url`` to ``target``, when ``target`` is on another origin."""
+    if names and cross_origin(url, target):
+        for name in names:
+            headers.pop(name, None)
+
+
 def join_url(base_url: str, path: str) -> str:
     """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
     if path.startswith(("http://", "https://")):
@@ -359,6 +380,52 @@ def new_state(
     return StreamState(
         mode, last_event_id=last_event_id, reconnect=reconnect, on_reset=on_reset, policy=policy
     )
+
+
+class ClientSettings:
+    """The settings both clients keep between calls (their keywords, no I/O): the base URL,
+    the headers sent with every request, resuming and its backoff. ``timeout`` is each
+    client's own (the transports spell it differently)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        reconnect: bool | None,
+        headers: Mapping[str, str] | None,
+        max_attempts: int | None,
+        backoff_initial: float,
+        backoff_max: float,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.reconnect = reconnect
+        self.headers: dict[str, str] = dict(headers or {})
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+
+    def url(self, path: str) -> str:
+        """The absolute URL of ``path`` (a full ``http(s)://`` URL is taken as it is)."""
+        return join_url(self.base_url, path)
+
+    def _new_state(
+        self,
+        mode: Mode,
+        *,
+        last_event_id: str | None,
+        reconnect: bool | None,
+        on_reset: Callable[[Event], object] | None,
+    ) -> StreamState:
+        """The state of one call: its own ``reconnect`` if given, else the client's."""
+        return new_state(
+            mode,
+            last_event_id=last_event_id,
+            reconnect=reconnect if reconnect is not None else self.reconnect,
+            on_reset=on_reset,
+            max_attempts=self.max_attempts,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+        )
 
 
 @dataclass(slots=True)
@@ -580,23 +647,37 @@ class StreamState:
         """The server answered ``204 No Content``: nothing (more) to read, the stream ended."""
         self._end()
 
-    def opened(self, status: int, content_type: str | None, response: Any = None) -> None:
-        """A 2xx answer arrived: ``204`` ends the stream, else pick the decoder (or raise)."""
+    def opened(self, status: int, content_type: str | None, response: Any = None) -> bool:
+        """A 2xx answer arrived: ``204`` ends the stream, else pick the decoder (or raise).
+
+        Returns whether a body follows: False (a 204) tells the shell to close the response.
+        """
         if status == 204:
             # No Content: the answer to a resume after the stream's final event.
             self.no_content()
-        else:
-            self.start(content_type, response)
+            return False
+        self.start(content_type, response)
+        return True
 
     def drive(
-        self, *, read_timeout: float | None, clock: Callable[[], float]
+        self,
+        *,
+        read_timeout: float | None,
+        clock: Callable[[], float],
+        hooks: Hooks = NO_HOOKS,
     ) -> Generator[Command, Any, None]:
         """The connect/read/resume loop, as I/O commands (module docstring); starts after
         ``opened``. ``read_timeout`` also bounds the time from one item to the next (an
-        event or a keep-alive): ``clock`` is the shell's monotonic clock in seconds."""
+        event or a keep-alive): ``clock`` is the shell's monotonic clock in seconds.
+        ``hooks.on_bytes`` sees each read's bytes before they are decoded and
+        ``hooks.on_reconnect`` each ``Pause`` before the shell waits it out."""
         feed = self.feed
-        pending = self.pending
+        on_bytes = hooks.on_bytes
+        on_reconnect = hooks.on_reconnect
         while not self.ended:
+            # Bound once per response (``opened`` picked its decoder): asked after every read.
+            assert self._decoder is not None, "opened() first"
+            pending = self._decoder.pending
             cause: BaseException | None = None
             deadline = 0.0  # while part of an item is held: when it must be complete
             while True:
@@ -614,6 +695,8 @@ class StreamState:
                     break
                 if not got:
                     break
+                if on_bytes is not None:
+                    on_bytes(got)
                 out = feed(got)
                 if out:
                     yield Deliver(out)
@@ -639,6 +722,8 @@ class StreamState:
             if delay is None:
                 return
             while True:
+                if on_reconnect is not None:
+                    on_reconnect(self.policy.attempts, delay, cause)
                 yield Pause(delay, self.policy.attempts, cause)
                 try:
                     status, content_type, response = yield _CONNECT
@@ -650,6 +735,8 @@ class StreamState:
                     cause = exc
                 else:
                     try:
+                        # A 204 (no body) ended the stream: the driver returns and the shell
+                        # closes the response it was left holding, as at any return.
                         self.opened(status, content_type, response)
                     except StreamError:
                         yield _RELEASE

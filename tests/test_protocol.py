@@ -23,12 +23,14 @@ from stream.protocol import (
     Connect,
     Cut,
     Deliver,
+    Hooks,
     Pause,
     Read,
     ReconnectPolicy,
     Release,
     StreamState,
     accept_header,
+    drop_on_redirect,
     http_status_error,
     media_type,
     remote_error,
@@ -569,6 +571,32 @@ def test_no_content_ends_the_stream() -> None:
     assert state.ended and state.disconnected(clean=True) is None
 
 
+@pytest.mark.parametrize(
+    ("target", "dropped"),
+    [
+        pytest.param("http://a.test/next", False, id="same-origin"),
+        pytest.param("http://a.test:80/next", False, id="default-port-spelled"),
+        pytest.param("https://a.test/next", True, id="other-scheme"),
+        pytest.param("http://b.test/next", True, id="other-host"),
+        pytest.param("http://a.test:8080/next", True, id="other-port"),
+    ],
+)
+def test_drop_on_redirect_only_across_origins(target: str, dropped: bool) -> None:
+    headers: dict[str, Any] = {"Authorization": "secret", "Accept": "x"}
+    drop_on_redirect(headers, {"Authorization", "X-Absent"}, "http://a.test/start", target)
+    expected = {"Accept": "x"} if dropped else {"Authorization": "secret", "Accept": "x"}
+    assert headers == expected
+
+
+def test_opened_says_whether_a_body_follows() -> None:
+    no_content = StreamState(VALUES)
+    assert no_content.opened(204, None) is False
+    assert no_content.ended and no_content.media_type is None
+    ok = StreamState(VALUES)
+    assert ok.opened(200, NDJSON) is True
+    assert not ok.ended and ok.media_type == NDJSON
+
+
 def test_sse_done_ends_stream_and_events() -> None:
     values = started(SSE)
     assert drive(values, b"data: 1\n\ndata: [DONE]\n\ndata: 2\n\n") == [1]
@@ -655,11 +683,16 @@ def run_driver(
     *,
     read_timeout: float | None = None,
     clock: Any = None,
+    hooks: Hooks | None = None,
 ) -> list[Any]:
     """Perform the driver's commands from a script: each Read or Connect takes the next answer
     (an exception is thrown into the driver); return the commands as short tuples."""
     now = [0.0]
-    driver = state.drive(read_timeout=read_timeout, clock=clock or (lambda: now[0]))
+    clock = clock or (lambda: now[0])
+    if hooks is None:
+        driver = state.drive(read_timeout=read_timeout, clock=clock)
+    else:
+        driver = state.drive(read_timeout=read_timeout, clock=clock, hooks=hooks)
     seen: list[Any] = []
     answer: Any = None
     error: BaseException | None = None
@@ -727,6 +760,40 @@ def test_driver_resumes_a_cut_and_retries_a_503() -> None:
         ("deliver", []),
     ]
     assert state.ended and state.request_headers() == {"Last-Event-ID": b"2"}
+
+
+def test_driver_calls_the_hooks_in_the_order_of_its_commands() -> None:
+    state = started(NDJSON, policy=ReconnectPolicy(random=lambda: 0.0, initial=1.0))
+    seen: list[Any] = []
+    cut = OSError("reset")
+    hooks = Hooks(
+        on_bytes=lambda data: seen.append(("bytes", data)),
+        on_reconnect=lambda attempt, delay, cause: seen.append(("reconnect", attempt, cause)),
+    )
+    answers = [
+        b'{"id": "1", "event": "message", "data": 1}\n',
+        Cut(cut),
+        (200, NDJSON, None),
+        b" ",
+        b'{"id": "2", "event": "end", "data": null}\n',
+    ]
+    commands = run_driver(state, answers, hooks=hooks)
+    assert commands[:6] == [
+        ("read", None),
+        ("deliver", [1]),
+        ("read", None),
+        ("release",),
+        ("pause", 0.0, 1),
+        ("connect",),
+    ]
+    # The bytes of every read (a keep-alive too) before they were decoded; no bytes for the cut
+    # or the clean end; the reconnection announced with the cause of the pause that follows it.
+    assert seen == [
+        ("bytes", b'{"id": "1", "event": "message", "data": 1}\n'),
+        ("reconnect", 1, cut),
+        ("bytes", b" "),
+        ("bytes", b'{"id": "2", "event": "end", "data": null}\n'),
+    ]
 
 
 def test_driver_raises_a_status_that_resuming_cannot_fix() -> None:
