@@ -660,12 +660,15 @@ class RedisBroker:
             except Exception as exc:  # never let the one reader die: every subscriber needs it
                 if self._stop.is_set():
                     break
-                if not down:
-                    if isinstance(exc, RedisError):
+                if isinstance(exc, RedisError) and _unavailable(exc):
+                    # An outage: said once, and once when it is over.
+                    if not down:
                         log.warning("Redis reader cannot read (%s); retrying with backoff", exc)
-                    else:
-                        log.exception("Redis reader failed; retrying with backoff")
-                    down = True
+                        down = True
+                else:
+                    # A bug or a wrong key (WRONGTYPE...): each time, with its traceback, so it
+                    # is not hidden behind an earlier outage (the backoff bounds the rate).
+                    log.exception("Redis reader failed; retrying with backoff")
                 delay = min(max(delay * 2, 0.05), _MAX_BACKOFF)
                 self._stop.wait(delay)
 
