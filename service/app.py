@@ -168,8 +168,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
-        if isinstance(exc, HTTPException):
-            return http_error(exc)
+        # HTTPExceptions never get here: Flask picks the handler of the closest class.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")
 

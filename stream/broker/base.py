@@ -394,11 +394,6 @@ class LocalSubscription:
                 self._event.set()
 
     @property
-    def closed(self) -> bool:
-        """Whether ``close()`` was called or the broker closed."""
-        return self._closed
-
-    @property
     def overflowed(self) -> bool:
         """Whether this subscriber fell too far behind and was cut off from the live tail."""
         return self._overflowed
