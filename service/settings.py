@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from stream.broker import Broker
 
 
 class SettingError(ValueError):
@@ -143,3 +146,17 @@ def default_config() -> dict[str, Any]:
         # 0: unlimited; otherwise streams end after this many seconds (clients resume)
         "STREAM_MAX_LIFETIME": number("STREAM_MAX_LIFETIME", 0.0, above=False),
     }
+
+
+def create_service_broker(config: dict[str, Any]) -> Broker:
+    """The broker ``config`` describes: the same for the web processes and the job workers."""
+    # Imported here: gunicorn's master imports this module and must import nothing more.
+    from stream.broker import create_broker
+
+    return create_broker(
+        config["REDIS_URL"],
+        max_len=config["STREAM_HISTORY_LENGTH"],
+        max_age=config["STREAM_HISTORY_AGE"],
+        queue_size=config["STREAM_QUEUE_SIZE"],
+        max_bytes=config["STREAM_HISTORY_BYTES"],
+    )
