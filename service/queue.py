@@ -54,7 +54,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
 from service.edges import BadRequest
-from service.jobs import FINAL_STATUSES, Jobs
+from service.jobs import FINAL_STATUSES, Jobs, lease_for
 from stream.broker import Broker, BrokerUnavailable
 
 log = logging.getLogger("stream.app")
@@ -211,7 +211,7 @@ class QueuedJobs:
         self.queue = queue
         self.ttl = ttl
         self.max_pending = max_pending
-        self.lease = 2 * broker_timeout
+        self.lease = lease_for(broker_timeout)
 
     def start(self, count: int, interval: float, size: int) -> str:
         """Queue the demo job; returns its id, or raises a 503."""
