@@ -19,106 +19,81 @@ from stream import gunicorn as stream_gunicorn
 from stream.gunicorn import *  # noqa: F403 - worker_class and the hooks chained below
 
 
-def _fail(name, value, expected):
-    # One line on stderr and exit status 1: gunicorn lets SystemExit out of its config loading.
-    sys.exit(f"gunicorn.conf.py: {name}={value!r} is not valid: expected {expected}")
-
-
-def _int(name, default, minimum, maximum=None, what="an integer"):
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or value < minimum or (maximum is not None and value > maximum):
-        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
-        _fail(name, raw, f"{what}, {bounds}")
-    return value
-
-
-def _redis_url():
-    raw = os.environ.get("REDIS_URL", "").strip()
-    if not raw:
+def _shutdown_retry_ms(name):
+    # Unset: None, which stream.gunicorn leaves to the library's own default.
+    if not os.environ.get(name, "").strip():
         return None
-    parts = urlsplit(raw)
-    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        _fail("REDIS_URL", raw, "redis://[:password@]host[:port][/db], rediss://... or unix://path")
-    try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        _fail("REDIS_URL", raw, "a port number after the host")
-    return raw
+    return round(service_settings.number(name, 0.0, above=False, maximum=3600) * 1000)
 
 
-_redis = _redis_url()
-
-# The service's own settings (STREAM_*), checked here once, before any worker starts, so a bad
-# one is one line naming it rather than a worker that fails to boot. service.settings imports
-# only the standard library.
+# Every setting, the service's own (STREAM_*, REDIS_URL) with gunicorn's, checked here once,
+# before any worker starts, so a bad one is one line naming it (exit status 1: gunicorn lets
+# SystemExit out of its config loading) rather than a worker that fails to boot.
 try:
-    service_settings.default_config()
+    _config = service_settings.default_config()
+    _port = service_settings.whole("PORT", 8000, maximum=65535, what="a TCP port number")
+    _web_concurrency = service_settings.whole(
+        "WEB_CONCURRENCY", 2, what="a whole number of workers"
+    )
+    _timeout = service_settings.whole(
+        "GUNICORN_TIMEOUT", 30, minimum=0, what="a whole number of seconds"
+    )
+    _graceful_timeout = service_settings.whole(
+        "GRACEFUL_TIMEOUT", 20, minimum=0, what="a whole number of seconds"
+    )
+    _keepalive = service_settings.whole(
+        "GUNICORN_KEEPALIVE", 5, minimum=0, what="a whole number of seconds"
+    )
+    _retry_ms = _shutdown_retry_ms("STREAM_SHUTDOWN_RETRY")
+    _retry_window_ms = _shutdown_retry_ms("STREAM_SHUTDOWN_RETRY_WINDOW")
+    loglevel = os.environ.get("LOG_LEVEL", "info").strip().lower()
+    if loglevel not in ("debug", "info", "warning", "error", "critical"):
+        raise service_settings.SettingError(
+            "LOG_LEVEL", os.environ["LOG_LEVEL"], "debug, info, warning, error or critical"
+        )
 except service_settings.SettingError as exc:
     sys.exit(f"gunicorn.conf.py: {exc}")
 
+_redis = _config["REDIS_URL"]
+
 # Heroku-style platforms give the port in $PORT; 8000 on a laptop.
-bind = f"0.0.0.0:{_int('PORT', 8000, 1, 65535, 'a TCP port number')}"
+bind = f"0.0.0.0:{_port}"
 
 # The in-process broker lives in one process: several workers would each see a different set of
 # channels and jobs. With Redis every worker sees every log, so the platform's value is used.
 # (gunicorn itself reads WEB_CONCURRENCY too, before this file: a value that is not a number
 # stops it with its own traceback.)
-_web_concurrency = _int("WEB_CONCURRENCY", 2, 1, what="a whole number of workers")
 workers = _web_concurrency if _redis else 1
 
-# Streams a worker holds at once. The app answers 503 + Retry-After above STREAM_MAX_STREAMS
-# (default 10,000); gunicorn's own limit (1,000 by default) must sit above that, or connections
-# would wait in the accept queue without an answer. The margin serves /healthz and publishes.
-worker_connections = _int("STREAM_MAX_STREAMS", 10000, 1, what="a whole number of streams") + 1000
+# Streams a worker holds at once. The app answers 503 + Retry-After above STREAM_MAX_STREAMS;
+# gunicorn's own limit (1,000 by default) must sit above that, or connections would wait in the
+# accept queue without an answer. The margin serves /healthz and publishes.
+worker_connections = _config["STREAM_MAX_STREAMS"] + 1000
 
 # Importing the app before the fork would import it before gevent patches the worker.
 preload_app = False
 
 # The master kills a worker that has not notified it for this long (0: never); gevent workers
 # notify from their own loop, so open streams never trip it.
-timeout = _int("GUNICORN_TIMEOUT", 30, 0, what="a whole number of seconds")
+timeout = _timeout
 
 # On SIGTERM/SIGHUP a worker has this long to finish; stream.gunicorn's hook ends every stream at
 # once, so this is a bound, not a wait. Heroku sends SIGKILL 30 s after SIGTERM: stay below that.
-graceful_timeout = _int("GRACEFUL_TIMEOUT", 20, 0, what="a whole number of seconds")
-
-
-def _seconds(name, default):
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:
-        _fail(name, raw, "a number of seconds from 0 to 3600")
-    return value
-
+graceful_timeout = _graceful_timeout
 
 # The retry: hint a stopping worker's SSE streams get: at least STREAM_SHUTDOWN_RETRY seconds,
-# plus a random share of STREAM_SHUTDOWN_RETRY_WINDOW per stream. The base outlasts a full
-# restart behind a single-upstream proxy (whose 502 an EventSource never retries); the window
-# keeps a worker's clients from all coming back in the same second. See stream/server.py.
-stream_gunicorn.shutdown_retry_ms = round(_seconds("STREAM_SHUTDOWN_RETRY", 3.0) * 1000)
-stream_gunicorn.shutdown_retry_window_ms = round(
-    _seconds("STREAM_SHUTDOWN_RETRY_WINDOW", 7.0) * 1000
-)
+# plus a random share of STREAM_SHUTDOWN_RETRY_WINDOW per stream (unset: the library's
+# defaults, see stream/server.py). The base outlasts a full restart behind a single-upstream
+# proxy (whose 502 an EventSource never retries); the window keeps a worker's clients from all
+# coming back in the same second.
+stream_gunicorn.shutdown_retry_ms = _retry_ms
+stream_gunicorn.shutdown_retry_window_ms = _retry_window_ms
 
 # Idle keep-alive connections between requests (streams hold theirs while they last).
-keepalive = _int("GUNICORN_KEEPALIVE", 5, 0, what="a whole number of seconds")
+keepalive = _keepalive
 
 # Logs go to stdout/stderr, where platforms collect them.
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-")
-loglevel = os.environ.get("LOG_LEVEL", "info").strip().lower()
-if loglevel not in ("debug", "info", "warning", "error", "critical"):
-    _fail("LOG_LEVEL", os.environ["LOG_LEVEL"], "debug, info, warning, error or critical")
 # The stream library logs which stream ended and why: show it with gunicorn's handlers.
 logconfig_dict = {
     "version": 1,

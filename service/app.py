@@ -35,9 +35,9 @@ from service.params import (
     last_event_id,
     stream_params,
 )
-from service.settings import default_config
+from service.settings import create_service_broker, default_config
 from stream import metrics
-from stream.broker import BrokerUnavailable, create_broker
+from stream.broker import BrokerUnavailable
 from stream.server import error_response, on_shutdown, open_streams, stream_response
 from stream.wire import RESERVED_EVENTS
 
@@ -57,13 +57,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         app.config.update(config)
     cfg = app.config
 
-    broker = create_broker(
-        cfg["REDIS_URL"],
-        max_len=cfg["STREAM_HISTORY_LENGTH"],
-        max_age=cfg["STREAM_HISTORY_AGE"],
-        queue_size=cfg["STREAM_QUEUE_SIZE"],
-        max_bytes=cfg["STREAM_HISTORY_BYTES"],
-    )
+    broker = create_service_broker(cfg)
     jobs: Jobs | QueuedJobs
     if cfg["REDIS_URL"]:
         # Jobs run in worker processes (service.worker); this process only enqueues them.
@@ -168,8 +162,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
-        if isinstance(exc, HTTPException):
-            return http_error(exc)
+        # HTTPExceptions never get here: Flask picks the handler of the closest class.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")
 

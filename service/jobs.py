@@ -84,6 +84,15 @@ JobFunction = Callable[[dict[str, Any], "JobContext"], Iterable[Any]]
 JOB_FUNCTIONS: dict[str, JobFunction] = {}
 
 
+def lease_for(broker_timeout: float) -> float:
+    """How long a running job's status (and, with Redis, its lock) lasts unless renewed.
+
+    Twice ``broker_timeout``: a job gives up on a failing broker before its status could
+    expire under it. The web side (``JobWatch``) and the workers must agree on it.
+    """
+    return 2 * broker_timeout
+
+
 def register_job(name: str, fn: JobFunction) -> JobFunction:
     """Make ``fn`` a job ``submit(name, params)`` can start (in the web and in the workers)."""
     JOB_FUNCTIONS[name] = fn
@@ -426,7 +435,7 @@ class Jobs:
         self.ttl = ttl
         self.max_running = max_running
         self.broker_timeout = broker_timeout
-        self.lease = 2 * broker_timeout
+        self.lease = lease_for(broker_timeout)
         self.status_ttl = self.lease + takeover
         self.running: dict[str, Job] = {}
         self.stopping = False

@@ -54,7 +54,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
 from service.edges import BadRequest
-from service.jobs import FINAL_STATUSES, Jobs
+from service.jobs import FINAL_STATUSES, Jobs, lease_for
 from stream.broker import Broker, BrokerUnavailable
 
 log = logging.getLogger("stream.app")
@@ -65,6 +65,8 @@ ACTOR = "stream.run_job"
 NAMESPACE = "stream-jobs"
 #: seconds between two looks at a job's lock while another run holds it
 LOCK_POLL = 0.2
+#: seconds a job waits before going back on the queue when Redis failed as it was taken up
+REDIS_RETRY = 1.0
 
 _RENEW = """
 if redis.call("get", KEYS[1]) == ARGV[1] then
@@ -209,7 +211,7 @@ class QueuedJobs:
         self.queue = queue
         self.ttl = ttl
         self.max_pending = max_pending
-        self.lease = 2 * broker_timeout
+        self.lease = lease_for(broker_timeout)
 
     def start(self, count: int, interval: float, size: int) -> str:
         """Queue the demo job; returns its id, or raises a 503."""
@@ -316,23 +318,34 @@ def run_queued(
         return
     key = f"job:{job_id}"
     queue = hooks.queue
-    meta = runner.broker.get_meta(key)
-    if meta is None:
-        log.warning("job %s: its status expired before a worker took it up; dropped", job_id)
-        return
-    if meta.get("status") in FINAL_STATUSES:
-        return
     lock = queue.lock(job_id, runner.lease)
-    # A previous run may still hold it (a worker that died: its lock expires within a lease).
-    deadline = time.monotonic() + runner.lease + 1.0
-    while not lock.acquire():
-        if runner.stopping:
-            hooks.requeue_current()
+    try:
+        meta = runner.broker.get_meta(key)
+        if meta is None:
+            log.warning("job %s: its status expired before a worker took it up; dropped", job_id)
             return
-        if time.monotonic() >= deadline:
-            log.warning("job %s: another worker runs it; this delivery is dropped", job_id)
+        if meta.get("status") in FINAL_STATUSES:
             return
-        runner.stopped.wait(LOCK_POLL)
+        # A previous run may still hold it (a worker that died: its lock expires within a lease).
+        deadline = time.monotonic() + runner.lease + 1.0
+        while not lock.acquire():
+            if runner.stopping:
+                hooks.requeue_current()
+                return
+            if time.monotonic() >= deadline:
+                log.warning("job %s: another worker runs it; this delivery is dropped", job_id)
+                return
+            runner.stopped.wait(LOCK_POLL)
+    except BrokerUnavailable as exc:
+        # Returning would acknowledge the message (no retries middleware): the job would be
+        # lost and its readers would wait for job_lost. Back on the queue instead, after a
+        # pause so that a Redis outage does not turn into a fetch-and-requeue loop.
+        log.warning(
+            "job %s: Redis unavailable before it started (%s); back on the queue", job_id, exc
+        )
+        runner.stopped.wait(REDIS_RETRY)
+        hooks.requeue_current()
+        return
     log.info("job %s: running here", job_id)
     try:
         ended = runner.run(job_id, name, params, lock)

@@ -17,8 +17,7 @@ from typing import Any
 import dramatiq
 
 from service.queue import build_worker
-from service.settings import SettingError, default_config
-from stream.broker import create_broker
+from service.settings import SettingError, create_service_broker, default_config
 
 log = logging.getLogger("stream.app")
 
@@ -59,13 +58,7 @@ if not config["REDIS_URL"]:
     # Without Redis, jobs run in the web process: there is nothing for a worker to do.
     sys.exit("service.worker: REDIS_URL is not set (without it, jobs run in the web process)")
 
-broker = create_broker(
-    config["REDIS_URL"],
-    max_len=config["STREAM_HISTORY_LENGTH"],
-    max_age=config["STREAM_HISTORY_AGE"],
-    queue_size=config["STREAM_QUEUE_SIZE"],
-    max_bytes=config["STREAM_HISTORY_BYTES"],
-)
+broker = create_service_broker(config)
 queue, runner, hooks = build_worker(config, broker)
 dramatiq.set_broker(queue.broker)
 _first_sigterm_only()

@@ -19,7 +19,7 @@ from flask import Flask, Response, request
 from stream import stream_response
 from stream.broker import SlowConsumer, create_broker
 from stream.event import Envelope
-from stream.server import error_response
+from stream.server import Unfinished, error_response
 from stream.wire import END, MESSAGE
 
 broker = create_broker(os.environ.get("REDIS_URL"))
@@ -61,7 +61,7 @@ def answer_events(key: str) -> Response:
                     yield entry
                     if entry.event == END:
                         return
-        except SlowConsumer:  # it fell too far behind: end without END, the client resumes
-            return
+        except SlowConsumer:  # it fell too far behind: an unfinished end, the client resumes
+            raise Unfinished("slow consumer") from None
 
     return stream_response(entries(), envelopes=True, on_close=lambda reason: sub.close())

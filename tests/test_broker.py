@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -673,3 +674,34 @@ def free_closed_port() -> int:
     from tests.redis_server import free_port
 
     return free_port()
+
+
+def test_redis_reader_logs_a_non_transient_error_every_time(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong key (WRONGTYPE) is no outage: its traceback is logged on every retry, not once."""
+    import redis
+
+    from stream.broker.redis import RedisBroker
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    broker = RedisBroker(redis_url, prefix=prefix)
+    other = redis.Redis.from_url(redis_url)
+    try:
+        sub = broker.subscribe("k")
+        with caplog.at_level("WARNING", logger="stream"):
+            other.delete(f"{prefix}log:k")
+            other.set(f"{prefix}log:k", "not a stream")
+            broker.publish("other", items(1))  # wakes the reader: its next XREAD fails
+
+            def failures() -> list[logging.LogRecord]:
+                return [r for r in caplog.records if "Redis reader failed" in r.getMessage()]
+
+            wait_for(lambda: len(failures()) >= 2, timeout=10)
+            assert all(r.levelname == "ERROR" and r.exc_info for r in failures())
+            assert not any("cannot read" in r.getMessage() for r in caplog.records)
+        sub.close()
+    finally:
+        other.delete(f"{prefix}log:k")
+        other.close()
+        broker.close()

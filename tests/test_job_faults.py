@@ -21,6 +21,7 @@ import redis
 import requests
 
 import service.jobs
+import service.queue
 from app import Jobs, create_app
 from stream.broker import BrokerUnavailable, MemoryBroker
 from stream.event import Envelope
@@ -344,3 +345,47 @@ def test_readers_of_a_job_no_worker_takes_up_again_end_with_job_lost(
     r = redis.Redis.from_url(redis_url)
     assert r.get(f"stream:meta:{key}") is None  # the lease expired
     assert requests.get(other.url + job.json()["events_url"], timeout=5).status_code == 404
+
+
+class _CountingHooks(service.queue.WorkerHooks):
+    """A worker's hooks that count the requeues of the message it runs."""
+
+    requeued = 0
+
+    def requeue_current(self) -> None:
+        self.requeued += 1
+
+
+class _FailingLock:
+    def acquire(self) -> bool:
+        raise BrokerUnavailable("Redis went away on purpose")
+
+    def release(self) -> None:
+        raise AssertionError("a lock never taken is not released")
+
+
+class _LockQueue:
+    """The queue's lock side: every lock fails to be taken (Redis unavailable)."""
+
+    def lock(self, job_id: str, ttl: float) -> _FailingLock:
+        return _FailingLock()
+
+
+@pytest.mark.parametrize("failing", ["status", "lock"])
+def test_a_job_taken_up_while_redis_fails_goes_back_on_the_queue(
+    broker: FaultyBroker, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    monkeypatch.setattr(service.queue, "REDIS_RETRY", 0.0)
+    runner = Jobs(broker, ttl=60, broker_timeout=0.5)
+    broker.set_meta("job:j1", {"status": "queued", "job": "demo", "last_id": None}, ttl=60)
+    if failing == "status":
+        monkeypatch.setattr(broker, "get_meta", _raise_unavailable)
+    hooks = _CountingHooks(_LockQueue(), runner)  # type: ignore[arg-type]
+    # Acknowledged without a requeue, the message (and the job) would be gone.
+    service.queue.run_queued(hooks, runner, "j1", "demo", {"count": 1, "interval": 0, "size": 0})
+    assert hooks.requeued == 1
+    assert "j1" not in runner.running
+
+
+def _raise_unavailable(key: str) -> None:
+    raise BrokerUnavailable("Redis went away on purpose")

@@ -17,7 +17,7 @@ Node; here ``stream_response(..., envelopes=True)`` sends the ids and the client
     def answer_events(key: str) -> Response:
         last_id = request.headers.get("Last-Event-ID")
         if last_id is not None and not broker.valid_id(last_id):
-            return error_response(400, "bad_last_event_id", "not a stream id")
+            return error_response(400, "bad_last_event_id", "Last-Event-ID is not a stream id")
         sub = broker.subscribe(key, last_id, from_start=last_id is None)
 
         def entries() -> Iterator[Envelope]:
@@ -27,12 +27,14 @@ Node; here ``stream_response(..., envelopes=True)`` sends the ids and the client
                         yield entry
                         if entry.event == END:
                             return
-            except SlowConsumer:  # it fell too far behind: end without END, the client resumes
-                return
+            except SlowConsumer:  # it fell too far behind: an unfinished end, the client resumes
+                raise Unfinished("slow consumer") from None
 
         return stream_response(entries(), envelopes=True, on_close=lambda reason: sub.close())
 
-(``MESSAGE`` and ``END`` come from ``stream.wire``, ``error_response`` from ``stream.server``;
+(``MESSAGE`` and ``END`` come from ``stream.wire``, ``error_response`` and ``Unfinished``
+from ``stream.server``: a plain ``return`` would end the stream as finished, with no SSE
+``retry:`` hint, and the client would not resume;
 the repository's ``tests/resumable_app.py`` runs this example, and a test resumes its stream
 on another machine.) The modules:
 

@@ -17,17 +17,17 @@ from typing import Any
 import orjson
 
 from stream.broker.base import (
-    FANOUT_SLICE,
     BrokerUnavailable,
     IdTuple,
     LocalSubscription,
     Subscription,
     check_limits,
+    fan_out,
     parse_id,
     reset_envelope,
     resume_after,
 )
-from stream.event import Envelope, SharedEnvelope
+from stream.event import Envelope
 
 __all__ = ["DEFAULT_MAX_BYTES", "MemoryBroker"]
 
@@ -42,8 +42,8 @@ _ENTRY_OVERHEAD = 320
 
 #: how long the fan-out thread waits for a publish before it ends (s)
 _FANOUT_LINGER = 1.0
-#: one publish waiting for the fan-out: its entries, first and last id
-_Queued = tuple[list[Envelope], IdTuple, IdTuple]
+#: one publish waiting for the fan-out: its entries, first and last id, no gap (``fan_out``)
+_Queued = tuple[list[Envelope], IdTuple, IdTuple, None]
 
 
 class _Log:
@@ -200,7 +200,7 @@ class MemoryBroker:
                 for log, batch, first, last in self._fanout:
                     if id(log) not in work:
                         work[id(log)] = (log, list(log.subscribers), [])
-                    work[id(log)][2].append((batch, first, last))
+                    work[id(log)][2].append((batch, first, last, None))
                 self._fanout.clear()
             if idle:
                 # Idle for _FANOUT_LINGER s: this thread ends, the next publish starts another,
@@ -213,22 +213,7 @@ class MemoryBroker:
                             return
                 continue
             for log, subs, batches in work.values():
-                # One list of encode-once envelopes per publish for all of them (the log keeps
-                # its own). Each subscriber gets every queued publish before it is woken up:
-                # one wake-up (and one coalesced write) for what piled up while it was busy.
-                live: list[_Queued] = [
-                    ([SharedEnvelope(*entry) for entry in batch], first, last)
-                    for batch, first, last in batches
-                ]
-                dropped: list[LocalSubscription] = []
-                for start in range(0, len(subs), FANOUT_SLICE):
-                    if start:
-                        time.sleep(0)
-                    for sub in subs[start : start + FANOUT_SLICE]:
-                        for envelopes, first, last in live:
-                            if not sub.push(envelopes, first, last):
-                                dropped.append(sub)
-                                break
+                dropped = fan_out(subs, batches)
                 if dropped:
                     with self._lock:
                         for sub in dropped:

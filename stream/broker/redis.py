@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -104,18 +103,17 @@ except ModuleNotFoundError as exc:
     raise missing("redis", exc) from exc
 
 from stream.broker.base import (
-    FANOUT_SLICE,
     BrokerUnavailable,
-    IdTuple,
     LocalSubscription,
     Subscription,
     check_limits,
+    fan_out,
     id_key,
     parse_id,
     reset_envelope,
     resume_after,
 )
-from stream.event import Envelope, SharedEnvelope
+from stream.event import Envelope
 from stream.wire import MESSAGE
 
 __all__ = ["RedisBroker"]
@@ -662,12 +660,15 @@ class RedisBroker:
             except Exception as exc:  # never let the one reader die: every subscriber needs it
                 if self._stop.is_set():
                     break
-                if not down:
-                    if isinstance(exc, RedisError):
+                if isinstance(exc, RedisError) and _unavailable(exc):
+                    # An outage: said once, and once when it is over.
+                    if not down:
                         log.warning("Redis reader cannot read (%s); retrying with backoff", exc)
-                    else:
-                        log.exception("Redis reader failed; retrying with backoff")
-                    down = True
+                        down = True
+                else:
+                    # A bug or a wrong key (WRONGTYPE...): each time, with its traceback, so it
+                    # is not hidden behind an earlier outage (the backoff bounds the rate).
+                    log.exception("Redis reader failed; retrying with backoff")
                 delay = min(max(delay * 2, 0.05), _MAX_BACKOFF)
                 self._stop.wait(delay)
 
@@ -719,30 +720,17 @@ class RedisBroker:
                 follow.cursor, follow.position = cursor, position
                 follow.partial, follow.partial_gap = partial, partial_gap
                 subs = list(self._subs[key])
-            # Pushed outside the lock, FANOUT_SLICE at a time with a yield in between, so
-            # 10,000 local subscribers do not hold publishers and other streams back. One
-            # that subscribes meanwhile reads its history after the cursor moved past this
-            # slice: it is in that history (or before the position it asked for).
-            # Each subscriber gets every segment of the reply before it is woken up: one
-            # wake-up (and one coalesced write) for what piled up since the last read.
-            live: list[tuple[list[Envelope], IdTuple, IdTuple, str | None]] = [
-                (
-                    [SharedEnvelope(*entry) for entry in segment],
-                    id_key(segment[0].id),
-                    id_key(segment[-1].id),
-                    gap,
-                )
-                for segment, gap in segments
-                if segment
-            ]
-            dropped: list[LocalSubscription] = []
-            for index, sub in enumerate(subs):
-                if index and index % FANOUT_SLICE == 0:
-                    time.sleep(0)
-                for envelopes, first, last, gap in live:
-                    if not sub.push(envelopes, first, last, gap):
-                        dropped.append(sub)
-                        break
+            # Pushed outside the lock (fan_out yields between slices). One that subscribes
+            # meanwhile reads its history after the cursor moved past this slice: it is in
+            # that history (or before the position it asked for).
+            dropped = fan_out(
+                subs,
+                [
+                    (segment, id_key(segment[0].id), id_key(segment[-1].id), gap)
+                    for segment, gap in segments
+                    if segment
+                ],
+            )
             if dropped:
                 with self._lock:
                     current = self._subs.get(key)
