@@ -39,13 +39,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from . import metrics
 from .encoders import Encoder
 from .errors import RemoteError
+from .event import Envelope
 from .pacing import FIRST_BYTES_WAIT, Pacer, State, Transport
 
 log = logging.getLogger("stream.server")
@@ -159,6 +160,19 @@ def close_iterator(items: Iterator[Any]) -> None:
         close()
 
 
+class DirectSource(Protocol):
+    """What a stream's generator follows, when the writer may write its entries itself.
+
+    A broker subscription (``stream.broker.LocalSubscription``) whose generator yields each
+    live entry unchanged and does nothing else with it: while the generator waits on the
+    subscription, the fan-out hands a batch to the writer's sink, which writes it to the socket
+    at once (no wake-up, switch and generator round per subscriber), or declines it (then the
+    generator gets it as usual).
+    """
+
+    def deliver_to(self, sink: Callable[[list[Envelope]], bool] | None) -> None: ...
+
+
 class StreamWriter:
     """The WSGI iterable of a stream; ``StreamWriter(...)`` builds the runner for this process.
 
@@ -188,6 +202,7 @@ class StreamWriter:
         "_producer",
         "_opened",
         "_old_timeout",
+        "_direct",
         "__weakref__",
     )
 
@@ -209,6 +224,7 @@ class StreamWriter:
         write_timeout: float | None = None,
         name: str = "stream",
         on_close: Callable[[str], None] | None = None,
+        direct: DirectSource | None = None,
     ) -> None:
         self._items = items
         if envelopes:
@@ -234,6 +250,7 @@ class StreamWriter:
         self._producer: Any = None
         self._opened = time.monotonic()
         self._old_timeout: float | None = None
+        self._direct = direct if envelopes else None
         registry.open.add(self)
         metrics.OPEN_STREAMS.inc()
         if registry.shutting_down:
@@ -439,6 +456,7 @@ class GeventWriter(StreamWriter):
         "_switched",
         "_interrupted",
         "_owed",
+        "_owed_watcher",
     )
 
     def __init__(self, items: Iterator[Any], encoder: Encoder, **kwargs: Any) -> None:
@@ -453,7 +471,11 @@ class GeventWriter(StreamWriter):
         self._in_gen = False  # inline: the server's greenlet is inside the generator
         self._switched = False  # inline: the generator waited while producing this value
         self._interrupted = False  # inline: we threw GreenletExit into the generator
-        self._owed = b""  # the rest of a keep-alive frame the socket took only part of
+        # the rest of a frame written around the server (a keep-alive, a direct delivery) that
+        # the socket took only part of: it goes out before anything else
+        # (a view: paying a big rest a socketful at a time must not copy what is left each time)
+        self._owed: bytes | memoryview = b""
+        self._owed_watcher: Any = None  # the libev write watcher that finishes ``_owed``
         super().__init__(items, encoder, **kwargs)
 
     # -- starting -----------------------------------------------------------------------------
@@ -470,6 +492,8 @@ class GeventWriter(StreamWriter):
             self._watch_peer()
         if state is State.INLINE:
             self._handler = gevent.getcurrent()
+            if self._direct is not None:
+                self._direct.deliver_to(self._deliver)
             # The first keep-alive goes out FIRST_BYTES_WAIT after the headers, unless a value
             # does first.
             self._arm_heartbeat(FIRST_BYTES_WAIT)
@@ -636,6 +660,8 @@ class GeventWriter(StreamWriter):
         finally:
             self._in_gen = False
             mark.stop()
+        if self._owed:
+            self._pay_owed()  # a rest left while the generator waited (a direct delivery's)
         if item is _NOTHING:
             pacer.finish()
             return self._end()
@@ -757,14 +783,14 @@ class GeventWriter(StreamWriter):
         """Write a keep-alive (framed as the server frames its writes) without blocking.
 
         Only in INLINE, which ``Pacer.start`` allows only where ``Transport.raw_writes``."""
+        if self._owed:
+            return  # the socket is full: the rest of an earlier frame goes out first, then values
         if self._transport.framing == "chunked":
             keepalive = b"%X\r\n%s\r\n" % (len(keepalive), keepalive)
-        # What an earlier keep-alive left unwritten goes first, or the framing would break.
-        frame = self._owed + keepalive
         sock = self._sock
         assert sock is not None  # inline mode needs the socket
         try:
-            sent = os.write(sock.fileno(), frame)  # gevent keeps the descriptor non-blocking
+            sent = os.write(sock.fileno(), keepalive)  # gevent keeps the descriptor non-blocking
         except BlockingIOError:
             return  # the socket's buffer is full: the client has bytes to read
         except OSError:
@@ -772,15 +798,85 @@ class GeventWriter(StreamWriter):
                 self._stop()
             return
         self._bytes += sent
-        self._owed = frame[sent:]
+        if sent < len(keepalive):
+            self._owe(memoryview(keepalive)[sent:])
 
     def _pay_owed(self) -> None:
-        """Finish a keep-alive frame the socket took only part of, before anything else."""
+        """Finish a frame the socket took only part of, before anything else."""
         sock = self._sock
         assert sock is not None
+        self._stop_owed_watch()
         owed, self._owed = self._owed, b""
         sock.sendall(owed)
         self._bytes += len(owed)
+
+    # -- direct delivery (a broker's fan-out writes for the waiting generator) ------------------
+
+    def _deliver(self, batch: list[Envelope]) -> bool:
+        """The sink given to ``DirectSource.deliver_to``: write a fanned-out batch now, or decline.
+
+        Called by the fan-out (another greenlet) with the subscription's lock held: only while
+        the generator waits inside it (INLINE, in the generator) and nothing is owed, and it
+        never blocks: a socket that takes nothing declines (the generator gets the batch and
+        the server writes it, with the write timeout); one that takes part owes the rest, which
+        a write watcher finishes before anything else goes out.
+        """
+        if not self._in_gen or self._owed or self._pacer.state is not State.INLINE:
+            return False
+        encode = self._encode
+        data = encode(batch[0]) if len(batch) == 1 else b"".join([encode(e) for e in batch])
+        if self._transport.framing == "chunked":
+            data = b"%X\r\n%s\r\n" % (len(data), data)
+        sock = self._sock
+        assert sock is not None  # inline mode needs the socket
+        try:
+            sent = os.write(sock.fileno(), data)  # gevent keeps the descriptor non-blocking
+        except OSError:
+            # Full (a slow reader), or gone: the generator takes it, and the server's own write
+            # waits with the write timeout, or finds the error and ends the stream.
+            return False
+        self._events += len(batch)
+        self._bytes += sent
+        self._pacer.wrote(time.monotonic())
+        if sent < len(data):
+            self._owe(memoryview(data)[sent:])
+        return True
+
+    def _owe(self, rest: memoryview) -> None:
+        """The socket took part of a frame written around the server: a libev write watcher
+        (no greenlet) writes the rest as the socket takes it, before anything else goes out."""
+        assert self._sock is not None
+        self._owed = rest
+        watcher = self._loop.io(self._sock.fileno(), 2)  # 2: writable
+        self._owed_watcher = watcher
+        watcher.start(self._owed_writable)
+
+    def _owed_writable(self) -> None:
+        owed = self._owed
+        sock = self._sock
+        if not owed or sock is None or self._pacer.state is State.CLOSED:
+            self._stop_owed_watch()
+            return
+        try:
+            sent = os.write(sock.fileno(), owed)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._stop_owed_watch()
+            if self._pacer.write_failed():
+                self._stop()
+            return
+        self._bytes += sent
+        self._owed = owed[sent:]
+        if not self._owed:
+            self._stop_owed_watch()
+
+    def _stop_owed_watch(self) -> None:
+        watcher = self._owed_watcher
+        if watcher is not None:
+            self._owed_watcher = None
+            watcher.stop()
+            watcher.close()
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -789,6 +885,9 @@ class GeventWriter(StreamWriter):
         if self._pacer.state is State.CLOSED:
             return
         reason = self._pacer.close()
+        if self._direct is not None:
+            self._direct.deliver_to(None)
+        self._stop_owed_watch()
         self._wake_producer()
         self._stop_heartbeat()
         producer = self._producer

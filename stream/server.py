@@ -48,6 +48,7 @@ from .runners import (
     DEFAULT_MAX_CHUNK,
     SHUTDOWN_RETRY_MS,
     SHUTDOWN_RETRY_WINDOW_MS,
+    DirectSource,
     StreamWriter,
     Unfinished,
     close_iterator,
@@ -131,6 +132,7 @@ def stream_response(
     status: int = 200,
     headers: dict[str, str] | None = None,
     on_close: Callable[[str], None] | None = None,
+    direct: DirectSource | None = None,
 ) -> Response:
     """Stream ``iterable``'s JSON values in the format the request negotiates.
 
@@ -138,6 +140,12 @@ def stream_response(
     ``STREAM_HEARTBEAT``; with ``envelopes=True`` every item must be an ``Envelope`` (id, event
     type, JSON bytes), as brokers return them. A request that accepts none of the formats gets
     a 406 JSON error instead of a stream.
+
+    ``direct`` (with ``envelopes``): the broker subscription ``iterable`` follows, when it yields
+    each live entry unchanged and does nothing else with it (a channel's follower; not a job's,
+    which stops at its end). Where the writer writes around the server (plain HTTP/1.x under
+    gunicorn's gevent worker), the fan-out then writes a publish to this stream's socket while
+    the generator waits, instead of waking it: see ``DirectSource``.
     """
     from flask import current_app
 
@@ -178,6 +186,7 @@ def stream_response(
         transport=detect_transport(environ, all_headers),
         name=name or request.path,
         on_close=on_close,
+        direct=direct,
     )
     response = Response(
         writer,
@@ -192,6 +201,7 @@ def stream_response(
 
 __all__ = [
     "DEFAULT_MAX_CHUNK",
+    "DirectSource",
     "FIRST_BYTES_WAIT",
     "SHUTDOWN_RETRY_MS",
     "SHUTDOWN_RETRY_WINDOW_MS",

@@ -86,9 +86,24 @@ IdTuple = tuple[int, int]
 FanoutBatch = tuple[Sequence[Envelope], IdTuple, IdTuple, str | None]
 
 #: Subscribers a fan-out pushes to between two yields to the other greenlets (under gevent)
-#: or threads: what bounds how long one big fan-out holds a publisher or a stream back.
-#: Each push wakes a subscriber: a yield lets the 64 woken write before the next 64 wake.
+#: or threads: what bounds how long one big fan-out holds a publisher or a stream back. A
+#: push either writes to the subscriber's socket (``LocalSubscription.deliver_to``) or wakes
+#: the subscriber: a yield lets those 64 write before the next 64.
 FANOUT_SLICE = 64
+#: Between two slices a fan-out sleeps this long (s): the shortest sleep, which under gevent is
+#: a timer, so the hub polls its sockets first. ``sleep(0)`` would only queue the fan-out behind
+#: the ready greenlets, and gevent polls after 50 of those at the earliest: a fan-out that
+#: writes to its subscribers itself (``deliver_to``) leaves no others, so the hub would not
+#: look at a socket until 50 slices (3,200 subscribers) later.
+_YIELD = 1e-6
+#: A slice that waited longer than this (s) for a CPU, and the sleep that follows it then: more
+#: runnable processes than cores (more workers than cores, or other busy processes). A fan-out
+#: that keeps its core runs at most a time slice of the kernel's before waiting again behind
+#: the others, and so does every request its worker serves meanwhile, once per socket it waits
+#: on (a publish waits on two: its request and Redis' reply). A fan-out that sleeps between its
+#: slices is woken at once, and so is its worker for a request's socket. See docs/scaling.md.
+FANOUT_CONTENDED = 0.001
+FANOUT_BACKOFF = 0.004
 
 #: Redis stream ids are two unsigned 64-bit integers.
 _MAX_PART = 2**64 - 1
@@ -112,6 +127,10 @@ class Subscription(Protocol):
         The list may be shared with other subscribers of the same publish: read it, do not
         modify it.
         """
+        ...
+
+    def deliver_to(self, sink: Callable[[list[Envelope]], bool] | None) -> None:
+        """Hand live batches to ``sink`` while the reader waits with nothing queued (or not)."""
         ...
 
     def close(self) -> None:
@@ -231,6 +250,7 @@ class LocalSubscription:
         "_on_close",
         "_due",
         "_tick",
+        "_sink",
     )
 
     def __init__(
@@ -261,6 +281,8 @@ class LocalSubscription:
         #: this subscription under (None: not filed; set under ``_DEADLINES``' lock)
         self._due = 0.0
         self._tick: int | None = None
+        #: takes a live batch while the reader waits with nothing queued (``deliver_to``)
+        self._sink: Callable[[list[Envelope]], bool] | None = None
 
     def push(
         self, batch: list[Envelope], first: IdTuple, last: IdTuple, gap_after: str | None = None
@@ -283,6 +305,12 @@ class LocalSubscription:
                 mark = format_id(previous) if previous is not None else gap_after
                 batch = [reset_envelope(mark, batch[0].id), *batch]
             self._last = last
+            sink = self._sink
+            if sink is not None and self._waiting and not self._batches and self._replay is None:
+                # The reader waits with nothing queued: the sink writes the batch for it, with
+                # no wake-up (or declines: a slow peer, a stream moving on).
+                if sink(batch):
+                    return True
             self._batches.append(batch)
             self._pending += len(batch)
             self._largest = max(self._largest, len(batch))
@@ -359,6 +387,18 @@ class LocalSubscription:
             out += batch
         return out
 
+    def deliver_to(self, sink: Callable[[list[Envelope]], bool] | None) -> None:
+        """Hand live batches to ``sink`` while the reader waits in ``get`` with nothing queued.
+
+        ``sink(batch)`` returns whether it took the batch whole (the reader then never sees
+        it); if not, the batch is queued and the reader woken as usual. It is called by the
+        fan-out with this queue's lock held, so it must neither block nor switch. A stream
+        writer sets one while its generator does nothing but yield this subscription's entries
+        (a channel's follower): one write from the fan-out instead of a wake-up, a switch and
+        the generator's round per subscriber. ``None`` removes it.
+        """
+        self._sink = sink
+
     def close(self) -> None:
         """Leave the fan-out and drop the queue; idempotent."""
         with self._lock:
@@ -367,6 +407,8 @@ class LocalSubscription:
             self._closed = True
             self._batches = []
             self._replay = None
+            self._sink = None
+        _DEADLINES.forget(self)
         self._on_close(self)
         self._event.set()
 
@@ -418,6 +460,9 @@ class _Deadlines:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[int, list[LocalSubscription]] = {}
+        #: subscriptions filed and not closed: the waker ends when none is left, whatever
+        #: closed ones its buckets still list (skipped: their ``_tick`` no longer matches)
+        self._filed = 0
         self._wake = threading.Event()
         self._next: int | None = None
         #: the process whose waker runs now (0: none runs; it ends when nothing is filed)
@@ -429,13 +474,15 @@ class _Deadlines:
             if self._pid != os.getpid():  # no waker runs here (or a forked child's first wait)
                 if self._pid:
                     self._buckets = {}
+                    self._filed = 0
                 self._pid = os.getpid()
                 self._next = None
                 start = True
-            if sub._tick is None:
+            if sub._tick is None and not sub._closed:
                 tick = math.ceil(sub._due / _TICK)
                 self._buckets.setdefault(tick, []).append(sub)
                 sub._tick = tick
+                self._filed += 1
                 if self._next is None or tick < self._next:
                     self._wake.set()
         if start:  # outside the lock: starting a thread waits for it to run
@@ -450,6 +497,8 @@ class _Deadlines:
                 buckets = self._buckets
                 for tick in [t for t in buckets if t <= current]:
                     for sub in buckets.pop(tick):
+                        if sub._tick != tick:
+                            continue  # closed meanwhile (``forget``)
                         due = sub._due
                         if due > now:
                             later = math.ceil(due / _TICK)
@@ -457,9 +506,11 @@ class _Deadlines:
                             sub._tick = later
                             continue
                         sub._tick = None
+                        self._filed -= 1
                         if sub._waiting:
                             fire.append(sub)
-                if not buckets:
+                if not self._filed:
+                    buckets.clear()
                     # Nothing filed: this thread ends, the next wait starts another, so an
                     # idle worker keeps no waker greenlet.
                     self._pid = 0
@@ -476,6 +527,15 @@ class _Deadlines:
             if exiting:
                 return
             self._wake.wait(delay)
+
+    def forget(self, sub: LocalSubscription) -> None:
+        """A closed subscription no longer keeps the waker running (nor is it woken)."""
+        with self._lock:
+            if sub._tick is not None and self._pid == os.getpid():
+                sub._tick = None
+                self._filed -= 1
+                if not self._filed:
+                    self._wake.set()  # nothing left: the waker ends now, not at a far deadline
 
 
 _DEADLINES = _Deadlines()
@@ -505,8 +565,10 @@ def fan_out(
 
     One list of encode-once envelopes per batch for all of them (the log keeps its own). Each
     subscriber gets every batch before it is woken up: one wake-up (and one coalesced write)
-    for what piled up while it was busy. ``FANOUT_SLICE`` subscribers at a time with a yield
-    in between, so 10,000 local subscribers do not hold publishers and other streams back.
+    for what piled up while it was busy; a subscriber waiting with nothing queued gets it from
+    its sink, written from here. ``FANOUT_SLICE`` subscribers at a time with a yield in
+    between, so 10,000 local subscribers do not hold publishers and other streams back; after
+    a slice that waited for a CPU the yield is a ``FANOUT_BACKOFF`` sleep.
     """
     live: list[tuple[list[Envelope], IdTuple, IdTuple, str | None]] = [
         ([SharedEnvelope(*entry) for entry in entries], first, last, gap)
@@ -514,9 +576,14 @@ def fan_out(
         if entries
     ]
     dropped: list[LocalSubscription] = []
+    slice_start, slice_cpu = time.monotonic(), time.thread_time()
     for index, sub in enumerate(subs):
         if index and index % FANOUT_SLICE == 0:
-            time.sleep(0)
+            # Wall time minus CPU time: how long this slice waited for a core (nothing in it
+            # blocks: a subscriber's lock is never held across a switch, a sink never blocks).
+            waited = (time.monotonic() - slice_start) - (time.thread_time() - slice_cpu)
+            time.sleep(FANOUT_BACKOFF if waited > FANOUT_CONTENDED else _YIELD)
+            slice_start, slice_cpu = time.monotonic(), time.thread_time()
         for envelopes, first, last, gap in live:
             if not sub.push(envelopes, first, last, gap):
                 dropped.append(sub)
