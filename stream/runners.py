@@ -457,6 +457,7 @@ class GeventWriter(StreamWriter):
         "_interrupted",
         "_owed",
         "_owed_watcher",
+        "_owed_since",
     )
 
     def __init__(self, items: Iterator[Any], encoder: Encoder, **kwargs: Any) -> None:
@@ -476,6 +477,7 @@ class GeventWriter(StreamWriter):
         # (a view: paying a big rest a socketful at a time must not copy what is left each time)
         self._owed: bytes | memoryview = b""
         self._owed_watcher: Any = None  # the libev write watcher that finishes ``_owed``
+        self._owed_since = 0.0
         super().__init__(items, encoder, **kwargs)
 
     # -- starting -----------------------------------------------------------------------------
@@ -775,6 +777,10 @@ class GeventWriter(StreamWriter):
             self._arm_heartbeat(pacer.heartbeat)
             return
         now = time.monotonic()
+        timeout = self._write_timeout
+        if self._owed and timeout is not None and now - self._owed_since > timeout:
+            self._abandon_owed()  # the client stopped reading: as a timed-out write would
+            return
         if pacer.keepalive_in(now) <= 0:
             self._write_keepalive(pacer.keepalive(now))
         self._arm_heartbeat(pacer.keepalive_in(time.monotonic()))
@@ -847,6 +853,7 @@ class GeventWriter(StreamWriter):
         (no greenlet) writes the rest as the socket takes it, before anything else goes out."""
         assert self._sock is not None
         self._owed = rest
+        self._owed_since = time.monotonic()
         watcher = self._loop.io(self._sock.fileno(), 2)  # 2: writable
         self._owed_watcher = watcher
         watcher.start(self._owed_writable)
@@ -870,6 +877,19 @@ class GeventWriter(StreamWriter):
         self._owed = owed[sent:]
         if not self._owed:
             self._stop_owed_watch()
+
+    def _abandon_owed(self) -> None:
+        """A rest still unwritten after the write timeout: the client stopped reading. End the
+        stream as a failed write does, and the connection with it (its framing is cut)."""
+        self._stop_owed_watch()
+        self._owed = b""
+        assert self._sock is not None
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._pacer.write_failed():
+            self._stop()
 
     def _stop_owed_watch(self) -> None:
         watcher = self._owed_watcher

@@ -158,7 +158,10 @@ class Parked:
 
 
 def inline_writer(
-    media_type: str = NDJSON, framing: str = "chunked"
+    media_type: str = NDJSON,
+    framing: str = "chunked",
+    heartbeat: float = 60,
+    write_timeout: float | None = None,
 ) -> tuple[GeventWriter, Source, Parked, socket.socket, list[bytes]]:
     """A writer parked inside its generator (INLINE), its socket's peer, and what it returned."""
     ours, peer = gevent.socket.socketpair()
@@ -168,7 +171,8 @@ def inline_writer(
         parked.items(),
         encoder_for(media_type),
         envelopes=True,
-        heartbeat=60,
+        heartbeat=heartbeat,
+        write_timeout=write_timeout,
         sock=ours,
         transport=Transport(framing=framing, has_socket=True),
         direct=source,
@@ -268,6 +272,22 @@ def test_a_full_socket_owes_the_rest_and_pays_it_before_anything_else() -> None:
     gevent.sleep(0.01)
     assert returned == [line2]
     finish(writer)
+
+
+def test_a_rest_the_client_never_reads_ends_the_stream_after_the_write_timeout() -> None:
+    writer, source, parked, peer, returned = inline_writer(heartbeat=0.05, write_timeout=0.2)
+    assert source.sink is not None
+    ours = writer._sock
+    assert ours is not None
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    assert source.sink([entry(1, b'"' + b"x" * 2_000_000 + b'"')])
+    assert writer._owed
+    serving = SERVING.pop(writer)
+    serving.join(timeout=5)  # the heartbeat gave up on the rest: the stream ended
+    assert serving.dead
+    assert not writer._owed and writer._owed_watcher is None
+    writer.close()
+    assert writer._pacer.reason == "disconnect"
 
 
 def test_the_sink_declines_once_the_generator_is_not_waiting() -> None:
