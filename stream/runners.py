@@ -791,21 +791,26 @@ class GeventWriter(StreamWriter):
         Only in INLINE, which ``Pacer.start`` allows only where ``Transport.raw_writes``."""
         if self._owed:
             return  # the socket is full: the rest of an earlier frame goes out first, then values
-        if self._transport.framing == "chunked":
-            keepalive = b"%X\r\n%s\r\n" % (len(keepalive), keepalive)
-        sock = self._sock
-        assert sock is not None  # inline mode needs the socket
         try:
-            sent = os.write(sock.fileno(), keepalive)  # gevent keeps the descriptor non-blocking
+            self._write_around(keepalive)
         except BlockingIOError:
             return  # the socket's buffer is full: the client has bytes to read
         except OSError:
             if self._pacer.write_failed():
                 self._stop()
-            return
+
+    def _write_around(self, data: bytes) -> None:
+        """Write ``data`` to the descriptor around the server, framed as the server frames its
+        writes, without blocking (gevent keeps the descriptor non-blocking). A socket that
+        takes part owes the rest (``_owe``); ``BlockingIOError``: it took nothing."""
+        if self._transport.framing == "chunked":
+            data = b"%X\r\n%s\r\n" % (len(data), data)
+        sock = self._sock
+        assert sock is not None  # inline mode needs the socket
+        sent = os.write(sock.fileno(), data)
         self._bytes += sent
-        if sent < len(keepalive):
-            self._owe(memoryview(keepalive)[sent:])
+        if sent < len(data):
+            self._owe(memoryview(data)[sent:])
 
     def _pay_owed(self) -> None:
         """Finish a frame the socket took only part of, before anything else."""
@@ -831,21 +836,14 @@ class GeventWriter(StreamWriter):
             return False
         encode = self._encode
         data = encode(batch[0]) if len(batch) == 1 else b"".join([encode(e) for e in batch])
-        if self._transport.framing == "chunked":
-            data = b"%X\r\n%s\r\n" % (len(data), data)
-        sock = self._sock
-        assert sock is not None  # inline mode needs the socket
         try:
-            sent = os.write(sock.fileno(), data)  # gevent keeps the descriptor non-blocking
+            self._write_around(data)
         except OSError:
             # Full (a slow reader), or gone: the generator takes it, and the server's own write
             # waits with the write timeout, or finds the error and ends the stream.
             return False
         self._events += len(batch)
-        self._bytes += sent
         self._pacer.wrote(time.monotonic())
-        if sent < len(data):
-            self._owe(memoryview(data)[sent:])
         return True
 
     def _owe(self, rest: memoryview) -> None:
