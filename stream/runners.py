@@ -642,8 +642,6 @@ class GeventWriter(StreamWriter):
 
     def _next_inline(self) -> bytes:
         """INLINE: run the generator to its next value here, and send that value."""
-        if self._owed:
-            self._pay_owed()
         pacer = self._pacer
         if pacer.stopping:
             return self._end()
@@ -663,7 +661,9 @@ class GeventWriter(StreamWriter):
             self._in_gen = False
             mark.stop()
         if self._owed:
-            self._pay_owed()  # a rest left while the generator waited (a direct delivery's)
+            # A rest left while the generator waited: the only time anything is written around
+            # the server (a keep-alive, a direct delivery), so the only place one can be owed.
+            self._pay_owed()
         if item is _NOTHING:
             pacer.finish()
             return self._end()
@@ -857,13 +857,11 @@ class GeventWriter(StreamWriter):
         watcher.start(self._owed_writable)
 
     def _owed_writable(self) -> None:
+        # Runs only while something is owed: paying, abandoning and closing stop it first.
         owed = self._owed
-        sock = self._sock
-        if not owed or sock is None or self._pacer.state is State.CLOSED:
-            self._stop_owed_watch()
-            return
+        assert self._sock is not None
         try:
-            sent = os.write(sock.fileno(), owed)
+            sent = os.write(self._sock.fileno(), owed)
         except BlockingIOError:
             return
         except OSError:

@@ -25,8 +25,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    ``sleep``: ``gevent.sleep`` where the condition waits on greenlets of this thread."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
@@ -37,7 +44,7 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         else:
             if result:
                 return result
-        time.sleep(interval)
+        sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s (last error: {last_error!r})")
 
 

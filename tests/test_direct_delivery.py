@@ -56,17 +56,8 @@ def waiting_reader(sub: LocalSubscription, timeout: float) -> tuple[threading.Th
     got: list[object] = []
     thread = threading.Thread(target=lambda: got.append(sub.get(timeout)))
     thread.start()
-    assert wait_until(lambda: sub._waiting)
+    wait_for(lambda: sub._waiting, 5, 0.005)
     return thread, got
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 # -- the subscription's side -----------------------------------------------------------------
@@ -185,7 +176,7 @@ def inline_writer(
                 returned.append(data)
 
     SERVING[writer] = gevent.spawn(serve)
-    gevent.sleep(0.02)
+    settle(lambda: writer._in_gen)  # the generator waits for its next value
     assert writer._pacer.state is State.INLINE and source.sink is not None
     assert writer._in_gen
     # The first keep-alive went out FIRST_BYTES_WAIT after the headers: out of the way.
@@ -197,6 +188,13 @@ def inline_writer(
 
 
 SERVING: dict[GeventWriter, gevent.Greenlet] = {}
+
+
+def settle(condition: Callable[[], object]) -> None:
+    """Wait (bounded) for what this thread's greenlets do next."""
+    wait_for(condition, 5, 0.001, sleep=gevent.sleep)
+
+
 SOCKETS: list[socket.socket] = []
 
 
@@ -235,7 +233,7 @@ def test_the_sink_writes_a_chunk_framed_batch_while_the_generator_waits() -> Non
     # The generator's own next value goes out after it, through the server.
     parked.queue.append(entry(3, b'{"a":3}'))
     parked.ready.set()
-    gevent.sleep(0.01)
+    settle(lambda: returned)
     assert returned == [b'{"id":"3-0","event":"message","data":{"a":3}}\n']
     finish(writer)
     assert source.sink is None
@@ -269,7 +267,7 @@ def test_a_full_socket_owes_the_rest_and_pays_it_before_anything_else() -> None:
     assert received.get(timeout=10) == first  # the write watcher finished the rest
     assert not writer._owed and writer._owed_watcher is None
     parked.ready.set()
-    gevent.sleep(0.01)
+    settle(lambda: returned)
     assert returned == [line2]
     finish(writer)
 
@@ -433,8 +431,7 @@ def test_a_fan_out_that_writes_itself_lets_the_hub_poll_sockets_between_slices(
     seen_at: list[int] = []
 
     def request() -> None:  # another thread: a request arriving while the fan-out runs
-        while len(written) < 5 * base.FANOUT_SLICE:
-            time.sleep(0.0005)
+        wait_for(lambda: len(written) >= 5 * base.FANOUT_SLICE, 10, 0.0005)
         sent_at.append(len(written))
         peer.sendall(b"a request")
 
