@@ -50,9 +50,12 @@ monkey-patched into their cooperative equivalents, so the same code serves green
 
 from __future__ import annotations
 
+import _socket
+import errno
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +107,23 @@ _YIELD = 1e-6
 #: slices is woken at once, and so is its worker for a request's socket. See docs/scaling.md.
 FANOUT_CONTENDED = 0.001
 FANOUT_BACKOFF = 0.004
+
+
+def _cores() -> int:
+    if not sys.platform.startswith("linux"):
+        return 0  # no abstract Unix sockets to keep slots in
+    return len(os.sched_getaffinity(0))
+
+
+#: Fan-outs to more than ``FANOUT_SLICE`` subscribers that run at once among the worker
+#: processes of one server (the children of one parent, such as gunicorn's master): one per
+#: core. With more workers than cores, the others wait their turn asleep, so their workers
+#: answer requests at once instead of each waiting for a core behind the fan-outs at every
+#: socket (a publish waits on two). 0: no limit. Linux only (abstract Unix sockets, released
+#: by the kernel with their process); elsewhere there is no limit.
+FANOUT_SLOTS = _cores()
+#: How often (s) a fan-out waiting for a slot looks again.
+_SLOT_POLL = 0.001
 
 #: Redis stream ids are two unsigned 64-bit integers.
 _MAX_PART = 2**64 - 1
@@ -568,7 +588,8 @@ def fan_out(
     for what piled up while it was busy; a subscriber waiting with nothing queued gets it from
     its sink, written from here. ``FANOUT_SLICE`` subscribers at a time with a yield in
     between, so 10,000 local subscribers do not hold publishers and other streams back; after
-    a slice that waited for a CPU the yield is a ``FANOUT_BACKOFF`` sleep.
+    a slice that waited for a CPU the yield is a ``FANOUT_BACKOFF`` sleep. A fan-out to more
+    than one slice first waits for one of the ``FANOUT_SLOTS``.
     """
     live: list[tuple[list[Envelope], IdTuple, IdTuple, str | None]] = [
         ([SharedEnvelope(*entry) for entry in entries], first, last, gap)
@@ -576,16 +597,48 @@ def fan_out(
         if entries
     ]
     dropped: list[LocalSubscription] = []
-    slice_start, slice_cpu = time.monotonic(), time.thread_time()
-    for index, sub in enumerate(subs):
-        if index and index % FANOUT_SLICE == 0:
-            # Wall time minus CPU time: how long this slice waited for a core (nothing in it
-            # blocks: a subscriber's lock is never held across a switch, a sink never blocks).
-            waited = (time.monotonic() - slice_start) - (time.thread_time() - slice_cpu)
-            time.sleep(FANOUT_BACKOFF if waited > FANOUT_CONTENDED else _YIELD)
-            slice_start, slice_cpu = time.monotonic(), time.thread_time()
-        for envelopes, first, last, gap in live:
-            if not sub.push(envelopes, first, last, gap):
-                dropped.append(sub)
-                break
+    slot = _take_slot() if len(subs) > FANOUT_SLICE else None
+    try:
+        slice_start, slice_cpu = time.monotonic(), time.thread_time()
+        for index, sub in enumerate(subs):
+            if index and index % FANOUT_SLICE == 0:
+                # Wall time minus CPU time: how long this slice waited for a core (nothing in
+                # it blocks: a subscriber's lock is never held across a switch, a sink never
+                # blocks).
+                waited = (time.monotonic() - slice_start) - (time.thread_time() - slice_cpu)
+                time.sleep(FANOUT_BACKOFF if waited > FANOUT_CONTENDED else _YIELD)
+                slice_start, slice_cpu = time.monotonic(), time.thread_time()
+            for envelopes, first, last, gap in live:
+                if not sub.push(envelopes, first, last, gap):
+                    dropped.append(sub)
+                    break
+    finally:
+        if slot is not None:
+            slot.close()
     return dropped
+
+
+def _slot_group() -> str:
+    """The processes that share ``FANOUT_SLOTS``: a server's workers are its master's children."""
+    return f"stream-fanout-{os.getppid()}"
+
+
+def _take_slot() -> _socket.socket | None:
+    """One of ``FANOUT_SLOTS``, waited for: a Unix socket bound to the slot's abstract name,
+    which no other socket can bind until this one is closed (or its process ends). None when
+    there is no limit, or no abstract namespace to keep it in."""
+    if FANOUT_SLOTS < 1:
+        return None
+    group = _slot_group()
+    while True:
+        for index in range(FANOUT_SLOTS):
+            slot = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+            try:
+                slot.bind(f"\0{group}-{index}".encode())
+            except OSError as exc:
+                slot.close()
+                if exc.errno != errno.EADDRINUSE:
+                    return None
+                continue
+            return slot
+        time.sleep(_SLOT_POLL)
