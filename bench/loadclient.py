@@ -1,10 +1,11 @@
 """Many concurrent streams from one process: ``python -m bench.loadclient URL --conns N ...``.
 
-asyncio (uvloop) protocols over raw sockets, no HTTP library: the client must not be the bottleneck of
-the 5,000-stream scenario. Each connection sends one GET, then scans what arrives for the
-events' ``"t"`` (the server's ``time.time()`` when it yielded or published the event) and
-records arrival time minus ``t``. A connection is complete when it has ``K`` events and, unless
-``--no-end`` (subscriptions never end), the body ended properly (chunked terminator or EOF).
+asyncio (uvloop) protocols over raw sockets, no HTTP library: the client must not be the
+bottleneck of the 5,000-stream scenario, nor take the CPU from the servers it measures on
+the same cores. Each connection sends one GET, then scans what arrives for the events' ``"t"``
+(the server's ``time.time()`` when it yielded or published the event) and records arrival
+time minus ``t``. A connection is complete when it has ``K`` events and, unless ``--no-end``
+(subscriptions never end), the body ended properly (chunked terminator or EOF).
 
 Prints ``READY`` on stdout once every connection has its response headers, then one JSON object.
 """
