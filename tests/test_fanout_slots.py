@@ -17,6 +17,7 @@ from stream.broker import base
 from stream.broker.base import FanoutBatch, LocalSubscription
 from stream.event import Envelope
 from tests.service import wait_for
+from tests.test_direct_delivery import waiting_subscriptions as subscribers
 
 BATCHES: list[FanoutBatch] = [([Envelope("1-0", "message", b"{}")], (1, 0), (1, 0), None)]
 
@@ -27,16 +28,6 @@ def group(monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"stream-fanout-test-{uuid.uuid4().hex}"
     monkeypatch.setattr(base, "_slot_group", lambda: name)
     return name
-
-
-def subscribers(count: int, sink: Callable[[list[Envelope]], bool]) -> list[LocalSubscription]:
-    subs = []
-    for _ in range(count):
-        sub = LocalSubscription("k", 100, lambda s: None)
-        sub.deliver_to(sink)
-        sub._waiting = True  # as a reader parked in get() is
-        subs.append(sub)
-    return subs
 
 
 def recorder(into: list[int], tag: int) -> Callable[[list[Envelope]], bool]:
@@ -59,9 +50,19 @@ def test_fan_outs_beyond_the_slots_take_turns(
 ) -> None:
     monkeypatch.setattr(base, "FANOUT_SLOTS", slots)
     order: list[str] = []
+    # Both start together when both can: the first of each waits (briefly) for the other's.
+    both = threading.Barrier(2, timeout=0.5)
 
     def sink_of(name: str) -> Callable[[list[Envelope]], bool]:
         def sink(batch: list[Envelope]) -> bool:
+            if not order.count(name):
+                try:
+                    both.wait()
+                except threading.BrokenBarrierError:
+                    pass  # the other waits for a slot: this one goes alone
+            until = time.perf_counter() + 20e-6  # a write's cost
+            while time.perf_counter() < until:
+                pass
             order.append(name)
             return True
 
