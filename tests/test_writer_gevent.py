@@ -154,6 +154,7 @@ def test_http11_keepalives_are_whole_chunks(
 ) -> None:
     # Keep-alives written while the generator waits go straight to the socket: they must be
     # framed as gunicorn frames its own writes (chunked for HTTP/1.1).
+    before = finished(app_service, "blocked")
     request = f"GET /blocked?format={fmt} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     sock = raw_get(app_service, request.encode())
     with sock:
@@ -165,6 +166,8 @@ def test_http11_keepalives_are_whole_chunks(
     assert rest == b""
     assert chunks[0] == first
     assert len(chunks) >= 3 and set(chunks[1:]) == {keepalive}  # a keep-alive each heartbeat
+    # Leaving ends it (its finally runs): the next test counts the finally blocks from there.
+    wait_for(lambda: finished(app_service, "blocked") == before + 1, timeout=5)
 
 
 def test_http10_keepalives_are_unframed_and_leaving_runs_finally(app_service: Service) -> None:
