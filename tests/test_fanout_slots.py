@@ -30,6 +30,28 @@ def group(monkeypatch: pytest.MonkeyPatch) -> str:
     return name
 
 
+class SlotPolls:
+    """``time`` as stream.broker.base sees it, counting a fan-out's looks for a free slot."""
+
+    monotonic = staticmethod(time.monotonic)
+    thread_time = staticmethod(time.thread_time)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == base._SLOT_POLL:
+            self.count += 1
+        time.sleep(seconds)
+
+
+@pytest.fixture
+def polls(monkeypatch: pytest.MonkeyPatch) -> SlotPolls:
+    clock = SlotPolls()
+    monkeypatch.setattr(base, "time", clock)
+    return clock
+
+
 def recorder(into: list[int], tag: int) -> Callable[[list[Envelope]], bool]:
     def sink(batch: list[Envelope]) -> bool:
         into.append(tag)
@@ -83,7 +105,7 @@ def test_fan_outs_beyond_the_slots_take_turns(
 
 
 def test_a_fan_out_within_one_slice_takes_no_slot(
-    monkeypatch: pytest.MonkeyPatch, group: str
+    monkeypatch: pytest.MonkeyPatch, group: str, polls: SlotPolls
 ) -> None:
     monkeypatch.setattr(base, "FANOUT_SLOTS", 1)
     held = base._take_slot()
@@ -95,7 +117,7 @@ def test_a_fan_out_within_one_slice_takes_no_slot(
         assert len(delivered) == base.FANOUT_SLICE
         big = subscribers(base.FANOUT_SLICE + 1, recorder(delivered, 2))
         thread = fan_out_in_thread(big)
-        time.sleep(0.1)
+        wait_for(lambda: polls.count >= 2)  # it found none free, and looked again
         assert delivered.count(2) == 0, "a bigger one waits for the slot"
     finally:
         held.close()
@@ -104,7 +126,7 @@ def test_a_fan_out_within_one_slice_takes_no_slot(
 
 
 def test_a_slot_is_shared_with_other_processes_and_freed_when_its_holder_dies(
-    monkeypatch: pytest.MonkeyPatch, group: str
+    monkeypatch: pytest.MonkeyPatch, group: str, polls: SlotPolls
 ) -> None:
     monkeypatch.setattr(base, "FANOUT_SLOTS", 1)
     holder = subprocess.Popen(
@@ -125,7 +147,7 @@ def test_a_slot_is_shared_with_other_processes_and_freed_when_its_holder_dies(
         assert holder.stdout.readline().strip() == "held"
         delivered: list[int] = []
         thread = fan_out_in_thread(subscribers(base.FANOUT_SLICE * 2, recorder(delivered, 1)))
-        time.sleep(0.1)
+        wait_for(lambda: polls.count >= 2)
         assert delivered == [], "the other process holds the only slot"
         holder.kill()  # no close of its own: the kernel frees the name with the process
         holder.wait(10)
@@ -170,7 +192,7 @@ def free(group: str, index: int) -> bool:
 
 
 def test_a_fan_out_waits_for_a_slot_to_free_and_frees_it_when_done(
-    monkeypatch: pytest.MonkeyPatch, group: str
+    monkeypatch: pytest.MonkeyPatch, group: str, polls: SlotPolls
 ) -> None:
     monkeypatch.setattr(base, "FANOUT_SLOTS", 2)
     first, second = base._take_slot(), base._take_slot()
@@ -179,7 +201,7 @@ def test_a_fan_out_waits_for_a_slot_to_free_and_frees_it_when_done(
         assert not free(group, 0) and not free(group, 1)
         delivered: list[int] = []
         thread = fan_out_in_thread(subscribers(base.FANOUT_SLICE * 2, recorder(delivered, 1)))
-        time.sleep(0.05)
+        wait_for(lambda: polls.count >= 2)
         assert delivered == []
         second.close()
         wait_for(lambda: len(delivered) == base.FANOUT_SLICE * 2, 10)
